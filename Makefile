@@ -1,0 +1,22 @@
+# `make quickstart` trains a small model on the built-in corpus; `make test` runs the tests.
+# Each target builds the virtual environment it needs in .venv (Python >= 3.11).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+$(VENV)/.main: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.test: pyproject.toml $(VENV)/.main
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+.PHONY: quickstart test
+quickstart: $(VENV)/.main
+	$(PY) -m train.pretrain --config=experiments/quickstart.py --workdir=runs/quickstart
+
+test: $(VENV)/.test
+	$(PY) -m pytest tests
