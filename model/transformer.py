@@ -1,0 +1,315 @@
+"""Decoder-only Transformer as Flax Linen modules, and the pure functions around them.
+
+Dimension letters used in names:
+  B batch, T query length, S key length (cache), D d_model, N query heads,
+  K key/value heads, H head_dim, F d_ff, V vocab, L layers.
+
+Parameters are a plain pytree (`init_params`); `forward(config, params, tokens)` is the one
+forward function. Every parameter carries logical axis names and large activations are
+constrained by them (`model/sharding.py` maps names onto the mesh).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from model.config import ModelConfig
+from model.sharding import constrain, param_shardings
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _param(module: nn.Module, name: str, shape, axes, init):
+    dtype = jnp.dtype(module.config.param_dtype)
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def _dense_init(config: ModelConfig, residual: bool = False):
+    # GPT-2: projections into the residual stream are scaled down by sqrt(2 L).
+    std = config.init_std / (math.sqrt(2 * config.n_layers) if residual else 1.0)
+    return nn.initializers.normal(std)
+
+
+class Norm(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        c = self.config
+        x = x_BTD.astype(jnp.float32)
+        if c.norm == "rmsnorm":
+            y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + c.norm_eps)
+        else:
+            centered = x - jnp.mean(x, axis=-1, keepdims=True)
+            y = centered * jax.lax.rsqrt(jnp.mean(centered**2, axis=-1, keepdims=True) + c.norm_eps)
+        y = y * _param(self, "scale", (c.d_model,), ("norm",), nn.initializers.ones)
+        if c.norm == "layernorm" and c.use_bias:
+            y = y + _param(self, "bias", (c.d_model,), ("norm",), nn.initializers.zeros)
+        return y.astype(c.compute_dtype)
+
+
+def apply_rope(x_BTNH, positions_BT, theta: float):
+    """Rotary embedding in the rotate-half layout used by Llama checkpoints."""
+    half = x_BTNH.shape[-1] // 2
+    inv_freq = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
+    angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
+    cos, sin = jnp.cos(angles_BTh)[:, :, None, :], jnp.sin(angles_BTh)[:, :, None, :]
+    x = x_BTNH.astype(jnp.float32)
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_BTNH.dtype)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, mask_BTS, kv_cache, cache_index):
+        c = self.config
+        D, N, K, H = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
+        dt = c.compute_dtype
+        init = _dense_init(c)
+        w_q = _param(self, "q", (D, N, H), ("embed", "heads", "head_dim"), init)
+        w_k = _param(self, "k", (D, K, H), ("embed", "kv_heads", "head_dim"), init)
+        w_v = _param(self, "v", (D, K, H), ("embed", "kv_heads", "head_dim"), init)
+        w_o = _param(self, "o", (N, H, D), ("heads", "head_dim", "embed"), _dense_init(c, True))
+        q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, w_q.astype(dt))
+        k_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, w_k.astype(dt))
+        v_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, w_v.astype(dt))
+        if c.use_bias:
+            zeros = nn.initializers.zeros
+            q_BTNH += _param(self, "q_bias", (N, H), ("heads", "head_dim"), zeros).astype(dt)
+            k_BTKH += _param(self, "k_bias", (K, H), ("kv_heads", "head_dim"), zeros).astype(dt)
+            v_BTKH += _param(self, "v_bias", (K, H), ("kv_heads", "head_dim"), zeros).astype(dt)
+        if c.positions == "rope":
+            q_BTNH = apply_rope(q_BTNH, positions_BT, c.rope_theta)
+            k_BTKH = apply_rope(k_BTKH, positions_BT, c.rope_theta)
+        q_BTNH = constrain(q_BTNH, ("batch", "length", "heads", "head_dim"))
+        k_BTKH = constrain(k_BTKH, ("batch", "length", "kv_heads", "head_dim"))
+        v_BTKH = constrain(v_BTKH, ("batch", "length", "kv_heads", "head_dim"))
+
+        if kv_cache is not None:
+            start = (0, cache_index, 0, 0)
+            k_BSKH = jax.lax.dynamic_update_slice(kv_cache["k"], k_BTKH.astype(kv_cache["k"].dtype), start)
+            v_BSKH = jax.lax.dynamic_update_slice(kv_cache["v"], v_BTKH.astype(kv_cache["v"].dtype), start)
+            kv_cache = {"k": k_BSKH, "v": v_BSKH}
+            k_BTKH, v_BTKH = k_BSKH.astype(dt), v_BSKH.astype(dt)
+
+        # Without a mask, `is_causal` lets the GPU use the fused cuDNN kernel.
+        out_BTNH = jax.nn.dot_product_attention(
+            q_BTNH, k_BTKH, v_BTKH,
+            mask=None if mask_BTS is None else mask_BTS[:, None],
+            is_causal=mask_BTS is None,
+        )
+        out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, w_o.astype(dt))
+        if c.use_bias:
+            out_BTD += _param(self, "o_bias", (D,), ("embed",), nn.initializers.zeros).astype(dt)
+        return out_BTD, kv_cache
+
+
+class Mlp(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        c = self.config
+        D, F = c.d_model, c.d_ff
+        dt = c.compute_dtype
+        w_up = _param(self, "up", (D, F), ("embed", "mlp"), _dense_init(c))
+        w_down = _param(self, "down", (F, D), ("mlp", "embed"), _dense_init(c, True))
+        h_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, w_up.astype(dt))
+        if c.use_bias:
+            h_BTF += _param(self, "up_bias", (F,), ("mlp",), nn.initializers.zeros).astype(dt)
+        if c.mlp == "swiglu":
+            w_gate = _param(self, "gate", (D, F), ("embed", "mlp"), _dense_init(c))
+            gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, w_gate.astype(dt))
+            h_BTF = jax.nn.silu(gate_BTF) * h_BTF
+        else:
+            h_BTF = jax.nn.gelu(h_BTF, approximate=True)
+        h_BTF = constrain(h_BTF, ("batch", "length", "mlp"))
+        out_BTD = jnp.einsum("BTF,FD->BTD", h_BTF, w_down.astype(dt))
+        if c.use_bias:
+            out_BTD += _param(self, "down_bias", (D,), ("embed",), nn.initializers.zeros).astype(dt)
+        return out_BTD
+
+
+class Block(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, mask_BTS, kv_cache, cache_index):
+        c = self.config
+        h_BTD, kv_cache = Attention(c, name="attn")(
+            Norm(c, name="attn_norm")(x_BTD), positions_BT, mask_BTS, kv_cache, cache_index
+        )
+        x_BTD = x_BTD + h_BTD
+        x_BTD = x_BTD + Mlp(c, name="mlp")(Norm(c, name="mlp_norm")(x_BTD))
+        return constrain(x_BTD, ("batch", "length", "embed")), kv_cache
+
+
+class Transformer(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BT, positions_BT, mask_BTS, kv_cache=None, cache_index=None):
+        c = self.config
+        D, V = c.d_model, c.vocab_size
+        embedding = _param(self, "embedding", (V, D), ("vocab", "embed"), _dense_init(c))
+        x_BTD = jnp.take(embedding, tokens_BT, axis=0).astype(c.compute_dtype)
+        if c.positions == "learned":
+            table = _param(self, "position_embedding", (c.max_seq_len, D), ("max_len", "embed"), _dense_init(c))
+            x_BTD = x_BTD + jnp.take(table, positions_BT, axis=0).astype(c.compute_dtype)
+        x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
+
+        block = Block
+        if c.remat != "none":
+            block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+        if c.scan_layers:
+            layers = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                length=c.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(c, name="layers")
+            x_BTD, kv_cache = layers(x_BTD, positions_BT, mask_BTS, kv_cache, cache_index)
+        else:
+            new_caches = []
+            for i in range(c.n_layers):
+                layer_cache = None if kv_cache is None else jax.tree.map(lambda a: a[i], kv_cache)
+                x_BTD, layer_cache = block(c, name=f"layer_{i}")(
+                    x_BTD, positions_BT, mask_BTS, layer_cache, cache_index
+                )
+                new_caches.append(layer_cache)
+            if kv_cache is not None:
+                kv_cache = jax.tree.map(lambda *a: jnp.stack(a), *new_caches)
+
+        x_BTD = Norm(c, name="final_norm")(x_BTD)
+        if c.tie_embeddings:
+            logits_BTV = jnp.einsum(
+                "BTD,VD->BTV", x_BTD, embedding.astype(c.compute_dtype),
+                preferred_element_type=jnp.float32,
+            )
+        else:
+            head = _param(self, "head", (D, V), ("embed", "vocab"), _dense_init(c))
+            logits_BTV = jnp.einsum(
+                "BTD,DV->BTV", x_BTD, head.astype(c.compute_dtype),
+                preferred_element_type=jnp.float32,
+            )
+        return constrain(logits_BTV, ("batch", "length", "vocab")), kv_cache
+
+
+def positions_from_segments(segment_ids_BT):
+    """Position of every token within its segment (0 at each segment's first token)."""
+    T = segment_ids_BT.shape[1]
+    index_BT = jnp.broadcast_to(jnp.arange(T), segment_ids_BT.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids_BT[:, :1], bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]],
+        axis=1,
+    )
+    segment_start_BT = jax.lax.cummax(jnp.where(starts, index_BT, 0), axis=1)
+    return index_BT - segment_start_BT
+
+
+def _attention_mask(query_segments_BT, key_segments_BS, query_slots_T):
+    """Causal by slot and within a segment: key j is visible to query i iff j <= slot(i)
+    and both carry the same segment id."""
+    key_slots_S = jnp.arange(key_segments_BS.shape[1])
+    causal_TS = key_slots_S[None, :] <= query_slots_T[:, None]
+    same_segment_BTS = query_segments_BT[:, :, None] == key_segments_BS[:, None, :]
+    return causal_TS[None] & same_segment_BTS
+
+
+def forward(config: ModelConfig, params, tokens_BT, *, segment_ids=None, positions=None):
+    """Logits [B, T, V] in float32. With `segment_ids` (packed sequences; 0 marks padding)
+    no token attends across segments, and positions restart in each segment."""
+    mask_BTS = None
+    if segment_ids is not None:
+        T = tokens_BT.shape[1]
+        mask_BTS = _attention_mask(segment_ids, segment_ids, jnp.arange(T))
+        if positions is None:
+            positions = positions_from_segments(segment_ids)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+    logits, _ = Transformer(config).apply({"params": params}, tokens_BT, positions, mask_BTS)
+    return logits
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None):
+    """An empty KV cache for `max_len` positions. Slots with segment id 0 are empty."""
+    shape = (config.n_layers, batch_size, max_len, config.n_kv_heads, config.head_dim)
+    dtype = jnp.dtype(dtype or config.dtype)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+CACHE_AXES = {
+    "k": ("layers", "batch", "cache_length", "kv_heads", "head_dim"),
+    "v": ("layers", "batch", "cache_length", "kv_heads", "head_dim"),
+    "segment_ids": ("batch", "cache_length"),
+    "index": (),
+}
+
+
+def prefill(config: ModelConfig, params, tokens_BT, cache, *, segment_ids=None, positions=None):
+    """Run T new tokens through the model, appending their keys/values to `cache`.
+
+    Returns (logits [B, T, V], cache). Left-padded prompts: give padding segment id 0 and
+    real tokens segment id 1, with positions counted from each row's first real token.
+    """
+    B, T = tokens_BT.shape
+    index = cache["index"]
+    if segment_ids is None:
+        segment_ids = jnp.ones((B, T), jnp.int32)
+    if positions is None:
+        positions = jnp.broadcast_to(index + jnp.arange(T), (B, T))
+    key_segments_BS = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids, (0, index))
+    mask_BTS = _attention_mask(segment_ids, key_segments_BS, index + jnp.arange(T))
+    kv = {"k": cache["k"], "v": cache["v"]}
+    logits, kv = Transformer(config).apply(
+        {"params": params}, tokens_BT, positions, mask_BTS, kv, index
+    )
+    new_cache = {**kv, "segment_ids": key_segments_BS, "index": index + T}
+    return logits, new_cache
+
+
+def decode_step(config: ModelConfig, params, tokens_B, cache, *, positions=None, segment_ids=None):
+    """One token per row: returns (logits [B, V], cache)."""
+    logits, cache = prefill(
+        config, params, tokens_B[:, None], cache,
+        segment_ids=None if segment_ids is None else segment_ids[:, None],
+        positions=None if positions is None else positions[:, None],
+    )
+    return logits[:, 0], cache
+
+
+def _boxed_params(config: ModelConfig, rng):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return Transformer(config).init(rng, tokens, tokens, None)["params"]
+
+
+def param_specs(config: ModelConfig):
+    """Tree of PartitionSpecs of logical axis names, one per parameter."""
+    abstract = jax.eval_shape(functools.partial(_boxed_params, config), jax.random.key(0))
+    return nn.get_partition_spec(abstract)
+
+
+def init_params(config: ModelConfig, rng, mesh=None):
+    """Initialize parameters; with `mesh`, each device creates only its own shards."""
+    init = jax.jit(lambda key: nn.meta.unbox(_boxed_params(config, key)))
+    if mesh is None:
+        return init(rng)
+    shardings = param_shardings(param_specs(config), mesh)
+    return jax.jit(init, out_shardings=shardings)(rng)

@@ -1,0 +1,145 @@
+"""Forward pass semantics: KV cache, packed sequences, remat, counts and FLOPs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import model
+
+LLAMA = model.ModelConfig(
+    vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=64,
+)
+GPT2 = model.ModelConfig(
+    vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=256, max_seq_len=64,
+    norm="layernorm", mlp="gelu", positions="learned", tie_embeddings=True, use_bias=True,
+)
+CONFIGS = {"llama": LLAMA, "gpt2": GPT2, "llama-unscanned": LLAMA.replace(scan_layers=False)}
+
+
+def _tokens(shape, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, 128, size=shape), jnp.int32)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_prefill_then_decode_equals_full_forward(name):
+    config = CONFIGS[name]
+    params = model.init_params(config, jax.random.key(1))
+    tokens = _tokens((2, 12))
+    full = model.forward(config, params, tokens)
+
+    cache = model.init_cache(config, batch_size=2, max_len=16)
+    logits, cache = jax.jit(model.prefill, static_argnums=0)(config, params, tokens[:, :5], cache)
+    steps = [logits]
+    step = jax.jit(model.decode_step, static_argnums=0)
+    for t in range(5, 12):
+        logits, cache = step(config, params, tokens[:, t], cache)
+        steps.append(logits[:, None])
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=2e-5, rtol=0)
+    assert int(cache["index"]) == 12
+
+
+def test_left_padded_prompts_decode_like_unpadded_rows():
+    config = LLAMA
+    params = model.init_params(config, jax.random.key(2))
+    short, long = _tokens((1, 4), seed=3), _tokens((1, 7), seed=4)
+    pad = 3
+    prompts = jnp.concatenate([jnp.pad(short, ((0, 0), (pad, 0))), long])
+    segment_ids = jnp.asarray([[0] * pad + [1] * 4, [1] * 7], jnp.int32)
+    positions = jnp.asarray([[0] * pad + list(range(4)), list(range(7))], jnp.int32)
+    cache = model.init_cache(config, batch_size=2, max_len=10)
+    logits, cache = model.prefill(config, params, prompts, cache, segment_ids=segment_ids, positions=positions)
+    next_tokens = _tokens((2,), seed=5)
+    step_logits, _ = model.decode_step(config, params, next_tokens, cache, positions=jnp.asarray([4, 7]))
+
+    for row, alone in enumerate([short, long]):
+        sequence = jnp.concatenate([alone, next_tokens[row, None, None]], axis=1)
+        reference = model.forward(config, params, sequence)[0]
+        n = alone.shape[1]
+        np.testing.assert_allclose(logits[row, -n:], reference[:n], atol=2e-5, rtol=0)
+        np.testing.assert_allclose(step_logits[row], reference[n], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_packed_segments_equal_documents_run_alone(name):
+    config = CONFIGS[name]
+    params = model.init_params(config, jax.random.key(3))
+    docs = [_tokens((1, 5), seed=6), _tokens((1, 7), seed=7), _tokens((1, 2), seed=8)]
+    packed = jnp.concatenate(docs + [jnp.zeros((1, 2), jnp.int32)], axis=1)
+    segment_ids = jnp.asarray([[1] * 5 + [2] * 7 + [3] * 2 + [0] * 2], jnp.int32)
+    logits = model.forward(config, params, packed, segment_ids=segment_ids)
+    explicit_positions = jnp.asarray([list(range(5)) + list(range(7)) + [0, 1] + [0, 1]])
+    logits_explicit = model.forward(
+        config, params, packed, segment_ids=segment_ids, positions=explicit_positions
+    )
+    np.testing.assert_array_equal(logits, logits_explicit)
+    start = 0
+    for doc in docs:
+        alone = model.forward(config, params, doc)
+        n = doc.shape[1]
+        np.testing.assert_allclose(logits[:, start : start + n], alone, atol=2e-5, rtol=0)
+        start += n
+
+
+def test_remat_policies_and_layer_scan_give_the_same_gradients():
+    tokens = _tokens((2, 8))
+
+    def grads(config):
+        params = model.init_params(config.replace(remat="none"), jax.random.key(4))
+        loss = lambda p: jnp.mean(model.forward(config, p, tokens) ** 2)
+        return jax.grad(loss)(params)
+
+    reference = grads(LLAMA)
+    for remat in ("full", "dots"):
+        chex_tree = grads(LLAMA.replace(remat=remat))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), chex_tree, reference)
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "gpt2-124m", "gpt2-350m", "llama-small", "llama-1b"])
+def test_param_counts_match_the_parameter_tree(preset):
+    config = model.get_config(preset)
+    shapes = jax.eval_shape(lambda: model.init_params(config, jax.random.key(0)))
+    total = sum(np.prod(x.shape) for x in jax.tree.leaves(shapes))
+    embeddings = sum(
+        np.prod(shapes[k].shape) for k in ("embedding", "position_embedding", "head") if k in shapes
+    )
+    counts = model.param_counts(config)
+    assert counts["total"] == total
+    assert counts["nonembedding"] == total - embeddings
+
+
+def test_gpt2_124m_has_the_published_parameter_count():
+    # 124,439,808 with GPT-2's 50257-token vocabulary and tied embeddings.
+    assert model.param_counts(model.get_config("gpt2-124m"))["total"] == 124_439_808
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_flops_per_token_is_three_times_the_compiled_forward(name):
+    """XLA's own FLOP count of the forward pass is an independent check of 6N + 12 L d T
+    (training = 3x forward); elementwise work makes XLA's count a little larger."""
+    # Unscanned: XLA counts a while-loop body once, not once per layer.
+    config = CONFIGS[name].replace(
+        d_model=256, n_heads=4, n_kv_heads=4, d_ff=1024, vocab_size=512, scan_layers=False
+    )
+    seq_len, batch = 64, 2
+    params = jax.eval_shape(lambda: model.init_params(config, jax.random.key(0)))
+    tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+    compiled = jax.jit(model.forward, static_argnums=0).lower(config, params, tokens).compile()
+    xla_forward_flops = compiled.cost_analysis()["flops"] / (batch * seq_len)
+    predicted = model.flops_per_token(config, seq_len)["total"] / 3
+    assert predicted <= xla_forward_flops <= 1.05 * predicted
+
+
+@pytest.mark.parametrize("target", [3e7, 1.5e8, 1e9])
+def test_shape_for_params_hits_the_target(target):
+    config = model.shape_for_params(target)
+    assert abs(model.param_counts(config)["total"] / target - 1) < 0.15
+    assert 32 <= config.d_model / config.n_layers <= 128
+    assert config.n_heads % config.n_kv_heads == 0
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="model.norm"):
+        LLAMA.replace(norm="batchnorm")
+    with pytest.raises(ValueError, match="model.n_heads=4 is not a multiple of model.n_kv_heads=3"):
+        LLAMA.replace(n_kv_heads=3)
