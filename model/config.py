@@ -28,7 +28,7 @@ class ModelConfig:
     rope_theta: float = 10_000.0
     tie_embeddings: bool = False
     use_bias: bool = False
-    head_dim: int | None = None  # defaults to d_model // n_heads
+    head_dim: int = 0  # 0: d_model // n_heads
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype of matmuls; logits and softmax stay float32
     param_dtype: str = "float32"
@@ -47,7 +47,7 @@ class ModelConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"model.{key}={getattr(self, key)!r}: expected one of {allowed}")
-        if self.head_dim is None:
+        if not self.head_dim:
             if self.d_model % self.n_heads:
                 raise ValueError(
                     f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"
@@ -66,7 +66,7 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         if "d_model" in changes or "n_heads" in changes:
-            changes.setdefault("head_dim", None)
+            changes.setdefault("head_dim", 0)
         return dataclasses.replace(self, **changes)
 
 

@@ -110,7 +110,7 @@ def _llama_config(hf: dict, config_file: pathlib.Path) -> ModelConfig:
         norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu", positions="rope",
         rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10_000.0)),
         tie_embeddings=hf.get("tie_word_embeddings", False), use_bias=False,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+        head_dim=hf.get("head_dim") or 0,
     )
 
 

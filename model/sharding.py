@@ -60,16 +60,8 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes))
 
 
-def make_mesh(
-    shape: dict[str, int] | Sequence[int] = (-1, 1, 1),
-    devices: Sequence[jax.Device] | None = None,
-    model_config=None,
-) -> Mesh:
-    """Build a (data, fsdp, tensor) mesh; one entry may be -1, meaning the remaining devices.
-
-    With `model_config`, refuses dimensions the mesh cannot divide evenly.
-    """
-    devices = list(jax.devices() if devices is None else devices)
+def mesh_shape(shape: dict[str, int] | Sequence[int], n_devices: int) -> dict[str, int]:
+    """Resolve a (data, fsdp, tensor) shape, where one entry may be -1 (the rest)."""
     if isinstance(shape, dict):
         unknown = set(shape) - set(MESH_AXES)
         if unknown:
@@ -84,18 +76,29 @@ def make_mesh(
         raise ValueError(f"mesh: sizes must be positive or -1, got {shape}")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
-        if len(devices) % known:
-            raise ValueError(
-                f"mesh: {len(devices)} devices are not divisible by the fixed axes {shape}"
-            )
-        shape[shape.index(-1)] = len(devices) // known
-    if math.prod(shape) != len(devices):
-        named = dict(zip(MESH_AXES, shape))
-        raise ValueError(f"mesh: {named} needs {math.prod(shape)} devices, but there are {len(devices)}")
+        if n_devices % known:
+            raise ValueError(f"mesh: {n_devices} devices are not divisible by the fixed axes {shape}")
+        shape[shape.index(-1)] = n_devices // known
     named = dict(zip(MESH_AXES, shape))
+    if math.prod(shape) != n_devices:
+        raise ValueError(f"mesh: {named} needs {math.prod(shape)} devices, but there are {n_devices}")
+    return named
+
+
+def make_mesh(
+    shape: dict[str, int] | Sequence[int] = (-1, 1, 1),
+    devices: Sequence[jax.Device] | None = None,
+    model_config=None,
+) -> Mesh:
+    """Build a (data, fsdp, tensor) mesh; one entry may be -1, meaning the remaining devices.
+
+    With `model_config`, refuses dimensions the mesh cannot divide evenly.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    named = mesh_shape(shape, len(devices))
     if model_config is not None:
         check_divisible(model_config, named)
-    device_grid = np.asarray(devices).reshape(shape)
+    device_grid = np.asarray(devices).reshape([named[a] for a in MESH_AXES])
     return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 

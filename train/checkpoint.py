@@ -1,0 +1,60 @@
+"""Checkpoints: train state + data-iterator state + config, saved together with orbax."""
+
+from __future__ import annotations
+
+import logging
+
+import grain
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    """Asynchronous saves every K steps, keeping the last N; restores the newest readable
+    checkpoint, skipping incomplete or corrupt ones with a warning."""
+
+    def __init__(self, directory, *, keep: int, async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+        )
+        self.directory = directory
+        self._manager = ocp.CheckpointManager(directory, options=options)
+
+    def save(self, step: int, state, data_iterator, config: dict) -> None:
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(data_iterator),
+                config=ocp.args.JsonSave(config),
+            ),
+            force=True,
+        )
+
+    def restore_latest(self, abstract_state, data_iterator):
+        """(state, step) of the newest checkpoint that restores, or None if there is none.
+        `data_iterator` is restored in place."""
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                restored = self._manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state),
+                        data=grain.checkpoint.CheckpointRestore(data_iterator),
+                    ),
+                )
+            except Exception as error:  # noqa: BLE001 - any unreadable checkpoint is skipped
+                log.warning(
+                    "checkpoint %s/%d cannot be restored (%s: %s); trying the previous one",
+                    self.directory, step, type(error).__name__, error,
+                )
+                continue
+            return restored.state, step
+        return None
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()

@@ -1,0 +1,143 @@
+"""Metrics: JSONL + TensorBoard in the workdir, a console progress line, MFU, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+import time
+
+import jax
+
+# Dense bf16 peak FLOP/s per chip, from vendor data sheets.
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,  # v5p reports itself as "TPU v5"
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+}
+
+
+def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
+    """Peak FLOP/s of one device by its `device_kind`, or None (CPU, unknown chip)."""
+    kind = (device or jax.devices()[0]).device_kind
+    for name in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if name.lower() in kind.lower():
+            return PEAK_FLOPS[name]
+    return None
+
+
+class MetricsWriter:
+    """One writer for all metrics: `metrics.jsonl` (one object per logged step) and
+    TensorBoard event files. On resume, rows after the restored step are dropped so the
+    file describes a single trajectory."""
+
+    def __init__(self, workdir: pathlib.Path, resume_step: int, enabled: bool = True):
+        self.enabled = enabled
+        self.path = workdir / "metrics.jsonl"
+        if not enabled:
+            return
+        if self.path.exists():
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line]
+            kept = [r for r in rows if r["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1)
+        self._file = self.path.open("a")
+
+    def write(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _plain(v) for k, v in values.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            self._tb.close()
+
+
+def _plain(value):
+    value = value.item() if hasattr(value, "item") else value
+    return float(value) if isinstance(value, float) else value
+
+
+class Progress:
+    """A console progress line: step, loss, tokens/s, MFU (or achieved FLOP/s), ETA."""
+
+    def __init__(self, total_steps: int, stream=sys.stderr):
+        self.total_steps = total_steps
+        self.stream = stream
+        self.start = time.time()
+
+    def update(self, step: int, loss: float, tokens_per_s: float, mfu: float | None, flops_per_s: float, first_step: int):
+        elapsed = time.time() - self.start
+        done = step - first_step
+        eta = elapsed / max(done, 1) * (self.total_steps - step)
+        speed = f"MFU {mfu:5.1%}" if mfu is not None else f"{flops_per_s / 1e9:7.1f} GFLOP/s"
+        width = 20
+        filled = int(width * step / self.total_steps)
+        bar = "#" * filled + "." * (width - filled)
+        self.stream.write(
+            f"\r[{bar}] step {step}/{self.total_steps} loss {loss:.4f} "
+            f"{tokens_per_s:,.0f} tok/s {speed} ETA {_duration(eta)}   "
+        )
+        self.stream.flush()
+
+    def close(self):
+        self.stream.write("\n")
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+def plot_loss_curve(metrics_path: pathlib.Path, out_path: pathlib.Path) -> None:
+    """Train loss (raw and smoothed) and validation loss against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if train:
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.3, lw=1, label="train")
+        ax.plot(steps, _ema(losses, 0.9), color="tab:blue", lw=2, label="train (EMA 0.9)")
+    if evals:
+        steps, losses = zip(*evals)
+        ax.plot(steps, losses, "o-", color="tab:orange", lw=2, label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+
+
+def _ema(values, decay: float) -> list[float]:
+    smoothed, average = [], values[0]
+    for v in values:
+        average = decay * average + (1 - decay) * v
+        smoothed.append(average)
+    return smoothed
