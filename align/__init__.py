@@ -1,0 +1,1 @@
+"""Alignment on top of pretrained models: reward models, DPO, PPO and GRPO (not yet implemented)."""

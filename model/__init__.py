@@ -1,6 +1,7 @@
 """Decoder-only Transformer: config, pure forward function, KV cache, sharding, HF import."""
 
 from model.config import ModelConfig, PRESETS, flops_per_token, get_config, param_counts, shape_for_params
+from model.hf import from_hf
 from model.transformer import (
     decode_step,
     forward,
@@ -14,10 +15,3 @@ __all__ = [
     "ModelConfig", "PRESETS", "get_config", "param_counts", "flops_per_token", "shape_for_params",
     "forward", "init_params", "param_specs", "init_cache", "prefill", "decode_step", "from_hf",
 ]
-
-
-def from_hf(path):
-    """Load a local Hugging Face GPT-2 or Llama checkpoint directory: (config, params)."""
-    from model.hf import from_hf as load
-
-    return load(path)

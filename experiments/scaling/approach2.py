@@ -1,0 +1,71 @@
+"""Chinchilla Approach 2: IsoFLOP profiles.
+
+Runs that share a compute budget form an IsoFLOP profile. A parabola in log N fitted to
+each profile's losses gives the loss-minimizing size N_opt at that budget; D_opt is read
+off the same profile (log D is linear in log N within a budget, whatever the FLOP
+accounting, so it is interpolated rather than assumed to be C / 6N). Power laws through
+the minima give N_opt(C) and D_opt(C).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from experiments.scaling.laws import AllocationLaw, fit_allocation_law
+
+
+def group_budgets(flops, rel_tol: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """(label per run, budget per label): runs whose C are within `rel_tol` of their
+    neighbour's share a budget (digitized or rounded budgets are not exactly equal).
+    Labels count up with C; a budget is the geometric mean of its runs' C."""
+    flops = np.asarray(flops, float)
+    order = np.argsort(flops)
+    gaps = np.diff(np.log(flops[order])) > np.log1p(rel_tol)
+    labels = np.empty(len(flops), int)
+    labels[order] = np.concatenate([[0], np.cumsum(gaps)])
+    budgets = np.array([np.exp(np.mean(np.log(flops[labels == k]))) for k in range(labels.max() + 1)])
+    return labels, budgets
+
+
+@dataclasses.dataclass(frozen=True)
+class IsoflopMinimum:
+    flops: float
+    n_opt: float
+    d_opt: float
+    loss_opt: float  # the parabola's value at its minimum
+    parabola: tuple[float, float, float]  # L = p0 (log N)^2 + p1 log N + p2
+
+
+def isoflop_minima(n_params, tokens, flops, loss, rel_tol: float = 0.1) -> list[IsoflopMinimum]:
+    """One minimum per budget with at least 3 distinct sizes and an upward-curving fit."""
+    n_params, tokens, loss = (np.asarray(v, float) for v in (n_params, tokens, loss))
+    labels, budgets = group_budgets(flops, rel_tol)
+    minima = []
+    for k, budget in enumerate(budgets):
+        runs = labels == k
+        log_n = np.log(n_params[runs])
+        if len(np.unique(log_n)) < 3:
+            continue
+        parabola = np.polyfit(log_n, loss[runs], 2)
+        if parabola[0] <= 0:  # no interior minimum: the sizes do not bracket the optimum
+            continue
+        log_n_opt = -parabola[1] / (2 * parabola[0])
+        log_d_line = np.polyfit(log_n, np.log(tokens[runs]), 1)
+        minima.append(IsoflopMinimum(
+            flops=float(budget),
+            n_opt=float(np.exp(log_n_opt)),
+            d_opt=float(np.exp(np.polyval(log_d_line, log_n_opt))),
+            loss_opt=float(np.polyval(parabola, log_n_opt)),
+            parabola=tuple(float(p) for p in parabola),
+        ))
+    return minima
+
+
+def fit_approach2(n_params, tokens, flops, loss, rel_tol: float = 0.1) -> tuple[AllocationLaw, list[IsoflopMinimum]]:
+    minima = isoflop_minima(n_params, tokens, flops, loss, rel_tol)
+    if len(minima) < 2:
+        raise ValueError(f"Approach 2 needs 2 or more IsoFLOP budgets with a minimum; found {len(minima)}")
+    law = fit_allocation_law([m.flops for m in minima], [m.n_opt for m in minima], [m.d_opt for m in minima])
+    return law, minima

@@ -1,0 +1,151 @@
+"""Run a scaling sweep (IsoFLOP profiles or an N x D grid) with the pretraining code.
+
+  python -m experiments.scaling.sweep --config=experiments/scaling/isoflop_cpu.py --workdir=runs/isoflop_cpu
+  python -m experiments.scaling.sweep ... --print_commands   # one launch command per run, for a cluster
+
+Each run trains in `<workdir>/<run name>` with its learning-rate schedule matched to its
+own token budget (as Chinchilla did) and appends one row to `<workdir>/runs.csv`: name,
+n_params, n_params_nonembed, tokens, flops (the planning accounting), flops_model,
+flops_6n, flops_6n_nonembed, budget, final_loss (validation loss over the whole
+validation split at the end), smoothed_loss (mean training loss over the last 5% of
+steps, at least 3 logged steps), workdir. The sweep is resumable: runs already in the
+table are skipped, a killed run resumes from its checkpoint, and runs finished elsewhere
+(from the printed commands) are collected without training.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import pathlib
+import shlex
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+import model
+from experiments.scaling import plan
+from train import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (one subdirectory per run).")
+_PRINT = flags.DEFINE_bool("print_commands", False, "Print launch commands instead of training.")
+
+COLUMNS = (
+    "name", "n_params", "n_params_nonembed", "tokens", "flops", "flops_model", "flops_6n",
+    "flops_6n_nonembed", "budget", "final_loss", "smoothed_loss", "workdir",
+)
+
+
+def model_for(sweep: ml_collections.ConfigDict, target_params: float) -> model.ModelConfig:
+    return model.shape_for_params(target_params, **sweep.shape.to_dict())
+
+
+def planned_runs(sweep: ml_collections.ConfigDict) -> list[plan.PlannedRun]:
+    tokens_per_step = sweep.train.train.batch_size * sweep.train.train.seq_len
+
+    def shape_of(target):
+        config = model_for(sweep, target)
+        counts = model.param_counts(config)
+        flops = model.flops_per_token(config, sweep.train.train.seq_len)["total"]
+        return plan.Shape(counts["total"], counts["nonembedding"], flops)
+
+    if sweep.kind == "isoflop":
+        return plan.plan_isoflop(
+            sweep.budgets, sweep.sizes, shape_of, tokens_per_step=tokens_per_step,
+            accounting=sweep.accounting, min_steps=sweep.min_steps,
+        )
+    if sweep.kind == "grid":
+        return plan.plan_grid(
+            sweep.sizes, sweep.token_counts, shape_of, tokens_per_step=tokens_per_step,
+            accounting=sweep.accounting,
+        )
+    raise ValueError(f"config.kind={sweep.kind!r}: expected 'isoflop' or 'grid'")
+
+
+def run_config(sweep: ml_collections.ConfigDict, run: plan.PlannedRun) -> ml_collections.ConfigDict:
+    """The pretraining config of one run: its model shape, and steps, warmup, evaluation
+    and checkpoints scaled to its own length."""
+    cfg = ml_collections.ConfigDict(sweep.train.to_dict())
+    shape = dataclasses.asdict(model_for(sweep, run.target_params))
+    shape["head_dim"] = 0 if shape["head_dim"] * shape["n_heads"] == shape["d_model"] else shape["head_dim"]
+    cfg.model = ml_collections.ConfigDict(shape)
+    cfg.train.steps = run.steps
+    cfg.optimizer.warmup_steps = max(1, round(sweep.warmup_fraction * run.steps))
+    cfg.eval.every_steps = run.steps  # evaluated once, at the end
+    cfg.checkpoint.every_steps = max(1, run.steps // 4)
+    cfg.train.log_every = 1
+    return cfg
+
+
+def result_row(run: plan.PlannedRun, workdir: pathlib.Path) -> dict | None:
+    """The table row of a finished run, or None if it has not finished."""
+    metrics = workdir / "metrics.jsonl"
+    if not metrics.exists():
+        return None
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+    final = [r["eval_loss"] for r in rows if "eval_loss" in r and r["step"] == run.steps]
+    if not final:
+        return None
+    train = [r["loss"] for r in rows if "loss" in r]
+    tail = max(3, int(np.ceil(0.05 * len(train))))
+    return {
+        **{k: getattr(run, k) for k in COLUMNS if hasattr(run, k)},
+        "final_loss": final[-1],
+        "smoothed_loss": float(np.mean(train[-tail:])),
+        "workdir": str(workdir),
+    }
+
+
+def main(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    sweep, root = _CONFIG.value, pathlib.Path(_WORKDIR.value)
+    root.mkdir(parents=True, exist_ok=True)
+    runs = planned_runs(sweep)
+    for run in runs:  # every run's config is checked before the first one trains
+        config_lib.validate(run_config(sweep, run), jax.device_count(), jax.process_count())
+    table = root / "runs.csv"
+    done = set()
+    if table.exists():
+        with table.open() as f:
+            done = {row["name"] for row in csv.DictReader(f)}
+    print(f"{len(runs)} runs planned, {len(done)} already in {table}", file=sys.stderr)
+    for run in runs:
+        if run.name in done:
+            continue
+        workdir = root / run.name
+        row = result_row(run, workdir)
+        if row is None and _PRINT.value:
+            print(launch_command(run, workdir))
+            continue
+        if row is None:
+            from train import pretrain
+
+            pretrain.run(run_config(sweep, run), workdir)
+            row = result_row(run, workdir)
+        new_table = not table.exists()
+        with table.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            if new_table:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+def launch_command(run: plan.PlannedRun, workdir: pathlib.Path) -> str:
+    sweep_file = config_flags.get_config_filename(flags.FLAGS["config"])
+    return shlex.join([
+        "python", "-m", "train.pretrain",
+        f"--config=experiments/scaling/sweep_run.py:{sweep_file},{run.name}",
+        f"--workdir={workdir}",
+    ])
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,54 @@
+"""Checkpoints restore state and data-iterator position; corrupt ones are skipped."""
+
+import logging
+
+import grain
+import jax.numpy as jnp
+import numpy as np
+
+from train.checkpoint import Checkpointer
+
+
+def _iterator():
+    return iter(grain.MapDataset.range(100).shuffle(seed=1).to_iter_dataset())
+
+
+def _save_three(directory):
+    checkpointer = Checkpointer(directory, keep=3)
+    it = _iterator()
+    for step in (1, 2, 3):
+        for _ in range(4):
+            next(it)
+        state = {"w": jnp.full((3,), float(step)), "step": jnp.asarray(step)}
+        checkpointer.save(step, state, it, {"note": "test"})
+    checkpointer.wait()
+    checkpointer.close()
+    return it
+
+
+def test_restore_latest_returns_state_and_iterator_position(tmp_path):
+    it = _save_three(tmp_path)
+    upcoming = [next(it) for _ in range(5)]
+    abstract = {"w": jnp.zeros((3,)), "step": jnp.asarray(0)}
+    fresh = _iterator()
+    state, step = Checkpointer(tmp_path, keep=3).restore_latest(abstract, fresh)
+    assert step == 3
+    np.testing.assert_array_equal(state["w"], [3.0, 3.0, 3.0])
+    assert [next(fresh) for _ in range(5)] == upcoming
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
+    _save_three(tmp_path)
+    for path in (tmp_path / "3" / "state").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+    abstract = {"w": jnp.zeros((3,)), "step": jnp.asarray(0)}
+    with caplog.at_level(logging.WARNING):
+        state, step = Checkpointer(tmp_path, keep=3).restore_latest(abstract, _iterator())
+    assert step == 2
+    np.testing.assert_array_equal(state["w"], [2.0, 2.0, 2.0])
+    assert "cannot be restored" in caplog.text and "/3" in caplog.text
+
+
+def test_no_checkpoint_gives_none(tmp_path):
+    assert Checkpointer(tmp_path, keep=3).restore_latest({"w": jnp.zeros(3)}, _iterator()) is None

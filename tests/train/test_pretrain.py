@@ -1,0 +1,167 @@
+"""End-to-end pretraining: exact resume after SIGKILL, SIGTERM, NaN stop, config errors."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from data import pipeline
+from tests.train.tiny_experiment import STEPS, tiny_config
+from train import config as config_lib
+from train import pretrain
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    """A small corpus of real English-like text (module docstrings of the stdlib)."""
+    import email, json as json_module, logging, argparse, collections, pathlib as pl, typing, unittest
+
+    directory = tmp_path_factory.mktemp("corpus")
+    for i, module in enumerate([email, json_module, logging, argparse, collections, pl, typing, unittest] * 3):
+        text = pathlib.Path(module.__file__).read_text()
+        (directory / f"doc{i:02d}.txt").write_text(text[i * 500 : i * 500 + 6000])
+    return directory
+
+
+def _data_config(workdir):
+    import ml_collections
+
+    return ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text())["data"])
+
+
+def _rows(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(workdir):
+    return {r["step"]: r["loss"] for r in _rows(workdir) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    cache = tmp_path_factory.mktemp("cache")
+    final = pretrain.run(tiny_config(corpus_dir, cache), workdir)
+    return workdir, cache, final
+
+
+def _launch(corpus_dir, cache, workdir):
+    """Run the trainer in a subprocess from a config file that mirrors `tiny_config`."""
+    config_file = workdir / "experiment.py"
+    config_file.write_text(textwrap.dedent(f"""
+        import pathlib
+        from tests.train.tiny_experiment import tiny_config
+        def get_config():
+            return tiny_config(pathlib.Path({str(corpus_dir)!r}), pathlib.Path({str(cache)!r}))
+    """))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "train.pretrain", f"--config={config_file}", f"--workdir={workdir}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def _wait_for_step(process, workdir, step, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (workdir / "metrics.jsonl").exists() and max(_losses(workdir), default=0) >= step:
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"trainer exited early:\n{process.stdout.read()}")
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def test_loss_decreases_and_outputs_are_written(uninterrupted):
+    workdir, _, final = uninterrupted
+    losses = _losses(workdir)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert np.mean([losses[s] for s in range(51, 61)]) < losses[1] - 1.0
+    assert final["eval_loss"] < losses[1] - 1.0
+    bytes_per_token = pipeline.prepare(_data_config(workdir)).bytes_per_token
+    assert final["eval_bits_per_byte"] == pytest.approx(final["eval_loss"] / np.log(2) / bytes_per_token, rel=1e-6)
+    for name in ("loss_curve.png", "samples.txt", "config.json"):
+        assert (workdir / name).stat().st_size > 0
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_killed_run_resumes_on_the_same_trajectory(uninterrupted, corpus_dir, tmp_path):
+    reference, cache, _ = uninterrupted
+    process = _launch(corpus_dir, cache, tmp_path)
+    _wait_for_step(process, tmp_path, 23)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    killed_at = max(_losses(tmp_path))
+    assert killed_at < STEPS
+
+    resumed = _launch(corpus_dir, cache, tmp_path)
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    assert "resumed from the checkpoint at step" in output
+    assert _losses(tmp_path) == _losses(reference)
+    evals = lambda w: [(r["step"], r["eval_loss"]) for r in _rows(w) if "eval_loss" in r]
+    assert evals(tmp_path) == evals(reference)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(uninterrupted, corpus_dir, tmp_path):
+    _, cache, _ = uninterrupted
+    process = _launch(corpus_dir, cache, tmp_path)
+    _wait_for_step(process, tmp_path, 13)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    stopped = max(_losses(tmp_path))
+    assert stopped < STEPS
+    assert "SIGTERM: saved the checkpoint at step" in output
+    assert (tmp_path / "checkpoints" / str(stopped)).is_dir()
+
+
+def test_nonfinite_loss_stops_the_run_naming_the_step(uninterrupted, corpus_dir, tmp_path):
+    _, cache, _ = uninterrupted
+    cfg = tiny_config(corpus_dir, cache, steps=20)
+    cfg.optimizer.update(lr=1e12, warmup_steps=0, clip_norm=0.0)
+    with pytest.raises(pretrain.NonFiniteError, match=r"non-finite loss or gradients at step \d+"):
+        pretrain.run(cfg, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("train.batch_size", 6, r"config.train.batch_size=6: micro-batch of 6 sequences is not divisible by the data x fsdp mesh axes \(8 x 1 = 8\)"),
+        ("train.seq_len", 128, r"config.train.seq_len=128: exceeds the model's maximum sequence length model.max_seq_len=64"),
+        ("train.microbatches", 3, r"config.train.batch_size=8: not divisible by train.microbatches=3"),
+        ("mesh.tensor", 3, r"config.mesh=.*needs 24 devices, but there are 8"),
+        ("mesh.tensor", 4, r"model.n_kv_heads=1 is not divisible by the 'tensor' mesh axis of size 4"),
+        ("optimizer.schedule", "step", r"config.optimizer.schedule='step': expected one of"),
+        ("model.norm", "batchnorm", r"model.norm='batchnorm'"),
+    ],
+)
+def test_config_validation_names_the_key(corpus_dir, tmp_path, key, value, message):
+    cfg = tiny_config(corpus_dir, tmp_path)
+    section, name = key.split(".")
+    if key == "mesh.tensor":
+        cfg.mesh.data = 2 if value == 4 else 8
+    cfg[section][name] = value
+    with pytest.raises(ValueError, match=message):
+        config_lib.validate(cfg, n_devices=8, n_processes=1)
+
+
+def test_unknown_override_is_refused_before_training(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "train.pretrain", "--config=experiments/quickstart.py",
+         f"--workdir={tmp_path}", "--config.train.stepz=5"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "stepz" in result.stderr
+    assert not (tmp_path / "checkpoints").exists()

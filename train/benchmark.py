@@ -1,0 +1,105 @@
+"""Train-step benchmark: step time, tokens/s, MFU and peak device memory.
+
+  python -m train.benchmark --preset=gpt2-124m --batch_size=32 --seq_len=1024 --dtype=bfloat16
+
+Compile time is reported separately from the timed steps. FLOPs per token follow
+`model.flops_per_token`: 6 N (N = all parameters but the input embedding tables) plus
+the attention term 12 L d T.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+import model
+from model import sharding
+from train.metrics import peak_flops_per_device
+from train.optimizer import make_optimizer
+from train.state import create_state
+from train.step import compile_steps
+
+_PRESET = flags.DEFINE_string("preset", "gpt2-124m", "Model preset (model.PRESETS).")
+_BATCH = flags.DEFINE_integer("batch_size", 32, "Global batch, in sequences.")
+_SEQ = flags.DEFINE_integer("seq_len", 1024, "Sequence length.")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype.")
+_REMAT = flags.DEFINE_enum("remat", "none", ["none", "full", "dots"], "Remat policy.")
+_SCAN = flags.DEFINE_bool("scan_layers", True, "Scan over layers.")
+_MICRO = flags.DEFINE_integer("microbatches", 1, "Gradient-accumulation micro-batches.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after two warm-up steps).")
+_DOCS = flags.DEFINE_integer("documents_per_row", 1, "Packed documents per row (segment ids).")
+_MESH = flags.DEFINE_list("mesh", ["-1", "1", "1"], "data,fsdp,tensor sizes (-1: the rest).")
+
+
+def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, documents_per_row: int):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab_size, size=(batch_size, seq_len + 1), dtype=np.int32)
+    doc_len = seq_len // documents_per_row
+    slots = np.arange(seq_len)
+    segment_ids = np.minimum(slots // doc_len, documents_per_row - 1) + 1
+    positions = slots - (segment_ids - 1) * doc_len
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": np.broadcast_to(segment_ids, (batch_size, seq_len)).astype(np.int32),
+        "positions": np.broadcast_to(positions, (batch_size, seq_len)).astype(np.int32),
+    }
+
+
+def main(argv):
+    del argv
+    config = model.get_config(
+        _PRESET.value, dtype=_DTYPE.value, remat=_REMAT.value, scan_layers=_SCAN.value,
+        max_seq_len=max(_SEQ.value, model.get_config(_PRESET.value).max_seq_len),
+    )
+    mesh = sharding.make_mesh([int(s) for s in _MESH.value], model_config=config)
+    opt_cfg = ml_collections.ConfigDict(dict(
+        lr=3e-4, min_lr_ratio=0.1, warmup_steps=10, schedule="cosine", decay_fraction=0.2,
+        b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
+    ))
+    optimizer = make_optimizer(opt_cfg, total_steps=1000)
+    train_step, _ = compile_steps(config, optimizer, mesh, microbatches=_MICRO.value, z_loss=0.0)
+    batch = synthetic_batch(_BATCH.value, _SEQ.value, config.vocab_size, _DOCS.value)
+
+    with jax.set_mesh(mesh):
+        state = create_state(config, optimizer, mesh, seed=0)
+        start = time.perf_counter()
+        compiled = train_step.lower(state, batch).compile()
+        compile_s = time.perf_counter() - start
+        for _ in range(2):
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        times = []
+        for _ in range(_STEPS.value):
+            start = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - start)
+
+    step_time = statistics.median(times)
+    tokens = _BATCH.value * _SEQ.value
+    flops = model.flops_per_token(config, _SEQ.value)
+    peak = peak_flops_per_device()
+    achieved = flops["total"] * tokens / step_time
+    device = jax.devices()[0]
+    memory = (device.memory_stats() or {}).get("peak_bytes_in_use")
+    counts = model.param_counts(config)
+    print(f"device             {jax.device_count()} x {device.device_kind}; mesh {dict(mesh.shape)}")
+    print(f"model              {_PRESET.value}: {counts['total']:,} params ({counts['nonembedding']:,} non-embedding), {config.dtype} compute, remat {config.remat}")
+    print(f"batch              {_BATCH.value} x {_SEQ.value} tokens, {_MICRO.value} micro-batch(es), {_DOCS.value} document(s)/row")
+    print(f"FLOPs/token        {flops['total']:.4g} = 6N {flops['total'] - flops['attention']:.4g} + attention 12LdT {flops['attention']:.4g}")
+    print(f"compile            {compile_s:.1f} s")
+    print(f"step time          {step_time * 1e3:.1f} ms (median of {len(times)}; min {min(times) * 1e3:.1f})")
+    print(f"tokens/s           {tokens / step_time:,.0f}")
+    print(f"achieved           {achieved / 1e12:.2f} TFLOP/s")
+    print(f"MFU                {achieved / (peak * jax.device_count()):.1%}" if peak else "MFU                n/a (no peak FLOP/s known for this device)")
+    print(f"peak memory        {memory / 2**30:.2f} GiB" if memory else "peak memory        n/a (not reported by this backend)")
+
+
+if __name__ == "__main__":
+    app.run(main)
