@@ -122,7 +122,10 @@ def plot_loss_curve(metrics_path: pathlib.Path, out_path: pathlib.Path) -> None:
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, color="tab:blue", alpha=0.3, lw=1, label="train")
-        ax.plot(steps, _ema(losses, 0.9), color="tab:blue", lw=2, label="train (EMA 0.9)")
+        # Averages over about a twentieth of the logged points: a fixed decay would lag a
+        # short run by much of its length.
+        decay = min(0.99, max(0.0, 1 - 20 / len(losses)))
+        ax.plot(steps, _ema(losses, decay), color="tab:blue", lw=2, label="train (moving average)")
     if evals:
         steps, losses = zip(*evals)
         ax.plot(steps, losses, "o-", color="tab:orange", lw=2, label="validation")

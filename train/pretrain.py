@@ -36,8 +36,6 @@ from train.step import batch_sharding, compile_steps
 
 log = logging.getLogger("train")
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
 
 
 class NonFiniteError(RuntimeError):
@@ -231,10 +229,12 @@ def write_samples(cfg, model_config, params, corpus, workdir: pathlib.Path) -> N
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if _WORKDIR.value is None:
-        raise app.UsageError("--workdir is required")
-    run(_CONFIG.value, _WORKDIR.value)
+    run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
+    # Defined here rather than at import, so that sweeps can import `run` beside their own flags.
+    config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
+    flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -1,4 +1,4 @@
-"""IsoFLOP sweep that runs on a 2-core CPU in about half an hour: 3 budgets x 5 sizes of
+"""IsoFLOP sweep that runs on a 2-core CPU in about 45 minutes: 3 budgets x 5 sizes of
 small Llama-style models on the built-in corpus.
 
   python -m experiments.scaling.sweep --config=experiments/scaling/isoflop_cpu.py --workdir=runs/isoflop_cpu
@@ -15,18 +15,18 @@ VOCAB = 1024
 def get_config():
     c = ml_collections.ConfigDict()
     c.kind = "isoflop"
-    c.budgets = (5e11, 1.5e12, 4.5e12)  # FLOPs, model accounting (6N + 12 L d T)
-    c.sizes = (2e5, 4e5, 8e5, 1.6e6, 3.2e6)  # target total parameters
+    c.budgets = (1e12, 2e12, 4e12)  # FLOPs, model accounting (6N + 12 L d T)
+    c.sizes = (7e4, 1.4e5, 2.8e5, 5.6e5, 1.12e6)  # target total parameters
     c.accounting = "model"
     c.min_steps = 20
     c.warmup_fraction = 0.1
     # Small widths need small heads and a smaller aspect ratio to give distinct shapes.
     c.shape = ml_collections.ConfigDict(dict(
-        vocab_size=VOCAB, max_seq_len=256, head_dim=32, aspect_ratio=32.0, count="total",
+        vocab_size=VOCAB, max_seq_len=256, head_dim=16, aspect_ratio=16.0, count="total",
     ))
     c.train = quickstart()
     c.train.data.tokenizer.vocab_size = VOCAB
-    c.train.train.batch_size = 8
+    c.train.train.batch_size = 16
     c.train.train.seq_len = 128
     c.train.optimizer.lr = 3e-3
     c.train.optimizer.schedule = "cosine"

@@ -1,4 +1,4 @@
-"""IsoFLOP sweep for one GPU (or a pod slice): 5 budgets from 1e17 to 3e18 FLOPs, 7 sizes
+"""IsoFLOP sweep for one GPU (or a pod slice): 4 budgets from 1e17 to 3e18 FLOPs, 7 sizes
 each from 20M to 1.2B parameters, context 1024, bfloat16. Point the data at a real corpus:
 --config.train.data.source=files --config.train.data.paths=/data/corpus/*.parquet
 

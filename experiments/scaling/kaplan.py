@@ -46,11 +46,14 @@ def fit_kaplan_law(n_params, tokens, loss) -> KaplanLaw:
         return alpha_d * inner - log_l
 
     # Starts: each term alone explains the loss (the single-variable fits), with the
-    # other term's scale spread over a few decades around the data.
+    # other term's scale spread over a few decades around the data. In an IsoFLOP sweep
+    # loss can rise with N (the larger models see fewer tokens), so a single-variable
+    # exponent may come out negative; the start is then clipped into the bounds.
     single_n, single_d = fit_power_law(np.exp(log_n), np.exp(log_l)), fit_power_law(np.exp(log_d), np.exp(log_l))
+    single_exponents = (max(single_n.exponent, 1e-3), max(single_d.exponent, 1e-3))
     best = None
     for shift in (-4.0, 0.0, 4.0):
-        for alpha_n, alpha_d in ((single_n.exponent, single_d.exponent), (0.076, 0.095)):
+        for alpha_n, alpha_d in (single_exponents, (0.076, 0.095)):
             start = [alpha_n, alpha_d, np.log(single_n.scale) + shift, np.log(single_d.scale) + shift]
             result = optimize.least_squares(residuals, start, method="trf", bounds=([1e-4, 1e-4, -np.inf, -np.inf], np.inf))
             if best is None or result.cost < best.cost:

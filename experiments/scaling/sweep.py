@@ -21,7 +21,6 @@ import json
 import logging
 import pathlib
 import shlex
-import sys
 
 import jax
 import ml_collections
@@ -32,10 +31,7 @@ from ml_collections import config_flags
 import model
 from experiments.scaling import plan
 from train import config as config_lib
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (one subdirectory per run).")
-_PRINT = flags.DEFINE_bool("print_commands", False, "Print launch commands instead of training.")
+from train import pretrain
 
 COLUMNS = (
     "name", "n_params", "n_params_nonembed", "tokens", "flops", "flops_model", "flops_6n",
@@ -103,10 +99,10 @@ def result_row(run: plan.PlannedRun, workdir: pathlib.Path) -> dict | None:
     }
 
 
-def main(argv):
-    del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    sweep, root = _CONFIG.value, pathlib.Path(_WORKDIR.value)
+def run_sweep(sweep: ml_collections.ConfigDict, root: pathlib.Path, sweep_file: str | None = None) -> list[str]:
+    """Trains every planned run not yet in `<root>/runs.csv` and appends its row. With
+    `sweep_file` (the sweep's config path) nothing trains: returns one launch command per
+    unfinished run instead."""
     root.mkdir(parents=True, exist_ok=True)
     runs = planned_runs(sweep)
     for run in runs:  # every run's config is checked before the first one trains
@@ -116,18 +112,17 @@ def main(argv):
     if table.exists():
         with table.open() as f:
             done = {row["name"] for row in csv.DictReader(f)}
-    print(f"{len(runs)} runs planned, {len(done)} already in {table}", file=sys.stderr)
+    logging.info("%d runs planned, %d already in %s", len(runs), len(done), table)
+    commands = []
     for run in runs:
         if run.name in done:
             continue
         workdir = root / run.name
         row = result_row(run, workdir)
-        if row is None and _PRINT.value:
-            print(launch_command(run, workdir))
+        if row is None and sweep_file is not None:
+            commands.append(launch_command(sweep_file, run, workdir))
             continue
         if row is None:
-            from train import pretrain
-
             pretrain.run(run_config(sweep, run), workdir)
             row = result_row(run, workdir)
         new_table = not table.exists()
@@ -136,10 +131,10 @@ def main(argv):
             if new_table:
                 writer.writeheader()
             writer.writerow(row)
+    return commands
 
 
-def launch_command(run: plan.PlannedRun, workdir: pathlib.Path) -> str:
-    sweep_file = config_flags.get_config_filename(flags.FLAGS["config"])
+def launch_command(sweep_file: str, run: plan.PlannedRun, workdir: pathlib.Path) -> str:
     return shlex.join([
         "python", "-m", "train.pretrain",
         f"--config=experiments/scaling/sweep_run.py:{sweep_file},{run.name}",
@@ -147,5 +142,19 @@ def launch_command(run: plan.PlannedRun, workdir: pathlib.Path) -> str:
     ])
 
 
+def main(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    sweep_file = config_flags.get_config_filename(flags.FLAGS["config"]) if flags.FLAGS.print_commands else None
+    for command in run_sweep(flags.FLAGS.config, pathlib.Path(flags.FLAGS.workdir), sweep_file):
+        print(command)
+
+
 if __name__ == "__main__":
+    # Defined here rather than at import: `sweep_run.py` imports this module inside
+    # `train.pretrain`, which has flags of the same names.
+    config_flags.DEFINE_config_file("config", None, "Sweep config file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Sweep directory (one subdirectory per run).")
+    flags.DEFINE_bool("print_commands", False, "Print launch commands instead of training.")
+    flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -1,10 +1,13 @@
 """Kaplan-form fits recover known exponents from noisy synthetic losses."""
 
+import pathlib
+
 import numpy as np
 import pytest
 
 from experiments.scaling.kaplan import fit_kaplan_law, fit_power_law
 from experiments.scaling.laws import KaplanLaw, PowerLaw
+from experiments.scaling.runs import load_runs
 
 
 def _noisy(loss, noise=0.005, seed=0):
@@ -34,3 +37,13 @@ def test_joint_law_recovers_both_exponents():
     assert fit.alpha_n == pytest.approx(0.076, rel=0.1)
     assert fit.alpha_d == pytest.approx(0.095, rel=0.1)
     assert np.allclose(fit.loss(n, d), truth.loss(n, d), rtol=0.005)
+
+
+def test_joint_law_fits_a_sweep_where_loss_rises_with_size():
+    """In the CPU IsoFLOP sweep the larger models see fewer tokens, so L(N) alone slopes
+    upward and its exponent is negative: the joint fit must still start inside its bounds."""
+    runs = load_runs(pathlib.Path(__file__).parents[2] / "docs/isoflop_cpu/runs.csv", loss_col="final_loss")
+    assert fit_power_law(runs.n_params, runs.loss).exponent < 0
+    fit = fit_kaplan_law(runs.n_params, runs.tokens, runs.loss)
+    assert fit.alpha_n > 0 and fit.alpha_d > 0
+    assert np.allclose(fit.loss(runs.n_params, runs.tokens), runs.loss, rtol=0.05)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from data import pipeline
-from tests.train.tiny_experiment import STEPS, tiny_config
+from tests.train.tiny_experiment import STEPS, tiny_config, write_tiny_corpus
 from train import config as config_lib
 from train import pretrain
 
@@ -22,14 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
-    """A small corpus of real English-like text (module docstrings of the stdlib)."""
-    import email, json as json_module, logging, argparse, collections, pathlib as pl, typing, unittest
-
-    directory = tmp_path_factory.mktemp("corpus")
-    for i, module in enumerate([email, json_module, logging, argparse, collections, pl, typing, unittest] * 3):
-        text = pathlib.Path(module.__file__).read_text()
-        (directory / f"doc{i:02d}.txt").write_text(text[i * 500 : i * 500 + 6000])
-    return directory
+    return write_tiny_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def _data_config(workdir):

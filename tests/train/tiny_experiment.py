@@ -1,5 +1,14 @@
 """A tiny experiment for end-to-end trainer tests, importable by a trainer subprocess."""
 
+import argparse
+import collections
+import email
+import json
+import logging
+import pathlib
+import typing
+import unittest
+
 from train import config as config_lib
 
 STEPS = 60
@@ -23,3 +32,12 @@ def tiny_config(corpus_dir, cache_dir, **train_overrides):
     cfg.checkpoint.update(every_steps=10, keep=2)
     cfg.sample.update(prompts=("import ",), max_new_tokens=8)
     return cfg
+
+
+def write_tiny_corpus(directory: pathlib.Path) -> pathlib.Path:
+    """24 text files of real Python source (slices of standard-library modules)."""
+    modules = [email, json, logging, argparse, collections, pathlib, typing, unittest] * 3
+    for i, module in enumerate(modules):
+        text = pathlib.Path(module.__file__).read_text()
+        (directory / f"doc{i:02d}.txt").write_text(text[i * 500 : i * 500 + 6000])
+    return directory
