@@ -34,6 +34,11 @@ def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
     return None
 
 
+def read_metrics(path) -> list[dict]:
+    """The rows of a `metrics.jsonl` file, in order."""
+    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+
+
 class MetricsWriter:
     """One writer for all metrics: `metrics.jsonl` (one object per logged step) and
     TensorBoard event files. On resume, rows after the restored step are dropped so the
@@ -45,8 +50,7 @@ class MetricsWriter:
         if not enabled:
             return
         if self.path.exists():
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line]
-            kept = [r for r in rows if r["step"] <= resume_step]
+            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         from tensorboardX import SummaryWriter
 
@@ -115,7 +119,7 @@ def plot_loss_curve(metrics_path: pathlib.Path, out_path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    rows = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import pathlib
 
 import numpy as np
 from scipy import signal
 
 from experiments.scaling.approach1 import Curve
+from train.metrics import read_metrics
 
 DEFAULT_COLUMNS = {"n": "n_params", "d": "tokens", "c": "flops", "loss": "smoothed_loss"}
 
@@ -83,8 +83,7 @@ def load_curve(metrics_path, n_params: float, tokens: float, flops: float, loss_
                tokens_per_step: float | None = None, smoothing_window: int = 1) -> Curve:
     """One run's curve; `smoothing_window` > 1 smooths the loss over that many logged points
     (centred, so the curve does not lag; see `_smooth`)."""
-    lines = [json.loads(line) for line in pathlib.Path(metrics_path).read_text().splitlines() if line.strip()]
-    lines = [line for line in lines if loss_key in line and line.get("step", 0) > 0]
+    lines = [line for line in read_metrics(metrics_path) if loss_key in line and line.get("step", 0) > 0]
     if not lines:
         raise ValueError(f"{metrics_path}: no lines with {loss_key!r} after step 0")
     steps = np.array([line["step"] for line in lines], float)

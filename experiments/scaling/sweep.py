@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import logging
 import pathlib
 import shlex
@@ -32,6 +31,7 @@ import model
 from experiments.scaling import plan
 from train import config as config_lib
 from train import pretrain
+from train.metrics import read_metrics
 
 COLUMNS = (
     "name", "n_params", "n_params_nonembed", "tokens", "flops", "flops_model", "flops_6n",
@@ -85,7 +85,7 @@ def result_row(run: plan.PlannedRun, workdir: pathlib.Path) -> dict | None:
     metrics = workdir / "metrics.jsonl"
     if not metrics.exists():
         return None
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+    rows = read_metrics(metrics)
     final = [r["eval_loss"] for r in rows if "eval_loss" in r and r["step"] == run.steps]
     if not final:
         return None
