@@ -51,7 +51,7 @@ class ChinchillaLaw:
         return d_opt / n_opt
 
     def as_dict(self) -> dict[str, float]:
-        fields = {f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        fields = _float_fields(self)
         return {**fields, "a": self.a, "b": self.b}
 
 
@@ -80,7 +80,7 @@ class AllocationLaw:
         return d_opt / n_opt
 
     def as_dict(self) -> dict[str, float]:
-        return {f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return _float_fields(self)
 
 
 def fit_allocation_law(flops, n_opt, d_opt) -> AllocationLaw:
@@ -103,7 +103,7 @@ class PowerLaw:
         return self.irreducible + (self.scale / np.asarray(x, float)) ** self.exponent
 
     def as_dict(self) -> dict[str, float]:
-        return {f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return _float_fields(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,4 +123,8 @@ class KaplanLaw:
         return ((self.n_c / n_params) ** (self.alpha_n / self.alpha_d) + self.d_c / tokens) ** self.alpha_d
 
     def as_dict(self) -> dict[str, float]:
-        return {f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return _float_fields(self)
+
+
+def _float_fields(law) -> dict[str, float]:
+    return {f.name: float(getattr(law, f.name)) for f in dataclasses.fields(law)}
