@@ -158,7 +158,7 @@ class Transformer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BT, positions_BT, mask_BTS, kv_cache=None, cache_index=None):
+    def __call__(self, tokens_BT, positions_BT, mask_BTS, kv_cache=None, cache_index=None, with_head=True):
         c = self.config
         D, V = c.d_model, c.vocab_size
         embedding = _param(self, "embedding", (V, D), ("vocab", "embed"), _dense_init(c))
@@ -194,17 +194,27 @@ class Transformer(nn.Module):
 
         x_BTD = Norm(c, name="final_norm")(x_BTD)
         if c.tie_embeddings:
-            logits_BTV = jnp.einsum(
-                "BTD,VD->BTV", x_BTD, embedding.astype(c.compute_dtype),
-                preferred_element_type=jnp.float32,
-            )
+            head = embedding
         else:
             head = _param(self, "head", (D, V), ("embed", "vocab"), _dense_init(c))
-            logits_BTV = jnp.einsum(
-                "BTD,DV->BTV", x_BTD, head.astype(c.compute_dtype),
-                preferred_element_type=jnp.float32,
-            )
-        return constrain(logits_BTV, ("batch", "length", "vocab")), kv_cache
+        if not with_head:
+            return x_BTD, kv_cache
+        return output_logits(c, head, x_BTD), kv_cache
+
+
+def output_logits(config: ModelConfig, head, x_BTD):
+    """Logits [B, T, V] in float32 from final hidden states; `head` is the [V, D] embedding
+    when tied, else the [D, V] output kernel."""
+    spec = "BTD,VD->BTV" if config.tie_embeddings else "BTD,DV->BTV"
+    logits_BTV = jnp.einsum(
+        spec, x_BTD, head.astype(config.compute_dtype), preferred_element_type=jnp.float32
+    )
+    return constrain(logits_BTV, ("batch", "length", "vocab"))
+
+
+def head_weights(config: ModelConfig, params):
+    """The output projection `output_logits` takes: the embedding when tied."""
+    return params["embedding"] if config.tie_embeddings else params["head"]
 
 
 def positions_from_segments(segment_ids_BT):
@@ -228,9 +238,7 @@ def _attention_mask(query_segments_BT, key_segments_BS, query_slots_T):
     return causal_TS[None] & same_segment_BTS
 
 
-def forward(config: ModelConfig, params, tokens_BT, *, segment_ids=None, positions=None):
-    """Logits [B, T, V] in float32. With `segment_ids` (packed sequences; 0 marks padding)
-    no token attends across segments, and positions restart in each segment."""
+def _inputs(tokens_BT, segment_ids, positions):
     mask_BTS = None
     if segment_ids is not None:
         T = tokens_BT.shape[1]
@@ -239,8 +247,26 @@ def forward(config: ModelConfig, params, tokens_BT, *, segment_ids=None, positio
             positions = positions_from_segments(segment_ids)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+    return positions, mask_BTS
+
+
+def forward(config: ModelConfig, params, tokens_BT, *, segment_ids=None, positions=None):
+    """Logits [B, T, V] in float32. With `segment_ids` (packed sequences; 0 marks padding)
+    no token attends across segments, and positions restart in each segment."""
+    positions, mask_BTS = _inputs(tokens_BT, segment_ids, positions)
     logits, _ = Transformer(config).apply({"params": params}, tokens_BT, positions, mask_BTS)
     return logits
+
+
+def hidden_states(config: ModelConfig, params, tokens_BT, *, segment_ids=None, positions=None):
+    """Final normalized hidden states [B, T, D] in the compute dtype: what the output head,
+    and the scalar heads of reward and value models, read. `output_logits(config,
+    head_weights(config, params), hidden)` equals `forward`."""
+    positions, mask_BTS = _inputs(tokens_BT, segment_ids, positions)
+    hidden, _ = Transformer(config).apply(
+        {"params": params}, tokens_BT, positions, mask_BTS, with_head=False
+    )
+    return hidden
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None):
@@ -300,10 +326,14 @@ def _boxed_params(config: ModelConfig, rng):
     return Transformer(config).init(rng, tokens, tokens, None)["params"]
 
 
+def abstract_params(config: ModelConfig):
+    """Shapes and dtypes of the parameters, boxed with their logical axis names."""
+    return jax.eval_shape(functools.partial(_boxed_params, config), jax.random.key(0))
+
+
 def param_specs(config: ModelConfig):
     """Tree of PartitionSpecs of logical axis names, one per parameter."""
-    abstract = jax.eval_shape(functools.partial(_boxed_params, config), jax.random.key(0))
-    return nn.get_partition_spec(abstract)
+    return nn.get_partition_spec(abstract_params(config))
 
 
 def init_params(config: ModelConfig, rng, mesh=None):

@@ -53,6 +53,18 @@ class Checkpointer:
             return restored.state, step
         return None
 
+    def restore_state(self, abstract_state):
+        """(state, step) of the newest checkpoint, the state alone (no data iterator): how
+        another run starts from this one."""
+        steps = self._manager.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint to start from")
+        step = max(steps)
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        )
+        return restored.state, step
+
     def wait(self) -> None:
         self._manager.wait_until_finished()
 

@@ -86,17 +86,25 @@ class Progress:
         self.stream = stream
         self.start = time.time()
 
-    def update(self, step: int, loss: float, tokens_per_s: float, mfu: float | None, flops_per_s: float, first_step: int):
+    def update(
+        self, step: int, loss: float, tokens_per_s: float, mfu: float | None,
+        flops_per_s: float | None, first_step: int,
+    ):
         elapsed = time.time() - self.start
         done = step - first_step
         eta = elapsed / max(done, 1) * (self.total_steps - step)
-        speed = f"MFU {mfu:5.1%}" if mfu is not None else f"{flops_per_s / 1e9:7.1f} GFLOP/s"
+        if mfu is not None:
+            speed = f" MFU {mfu:5.1%}"
+        elif flops_per_s is not None:
+            speed = f" {flops_per_s / 1e9:7.1f} GFLOP/s"
+        else:
+            speed = ""
         width = 20
         filled = int(width * step / self.total_steps)
         bar = "#" * filled + "." * (width - filled)
         self.stream.write(
             f"\r[{bar}] step {step}/{self.total_steps} loss {loss:.4f} "
-            f"{tokens_per_s:,.0f} tok/s {speed} ETA {_duration(eta)}   "
+            f"{tokens_per_s:,.0f} tok/s{speed} ETA {_duration(eta)}   "
         )
         self.stream.flush()
 

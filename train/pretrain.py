@@ -3,9 +3,10 @@
   python -m train.pretrain --config=experiments/quickstart.py --workdir=runs/quickstart \
       --config.train.steps=100
 
-Reads top to bottom: config, mesh, data, state (fresh or restored), loop, final
-evaluation, checkpoint, plot and samples. Starting in a workdir that has checkpoints
-resumes from the newest readable one, data iterator included.
+Reads top to bottom: config, mesh, data, the compiled steps, then the shared loop
+(`train/loop.py`: restore or create the state, train, evaluate, checkpoint), then the loss
+plot and samples. Starting in a workdir that has checkpoints resumes from the newest readable
+one, data iterator included.
 """
 
 from __future__ import annotations
@@ -14,38 +15,27 @@ import json
 import logging
 import math
 import pathlib
-import signal
-import threading
-import time
 
 import jax
 import ml_collections
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+import model
 from data import pipeline
 from model import flops_per_token, param_counts, sharding
 from model.generate import generate
 from train import config as config_lib
-from train.checkpoint import Checkpointer
-from train.metrics import MetricsWriter, Progress, peak_flops_per_device, plot_loss_curve
-from train.optimizer import learning_rate_schedule, make_optimizer
+from train import loop
+from train.loop import NonFiniteError, global_batch
+from train.metrics import plot_loss_curve
+from train.optimizer import make_optimizer
 from train.state import abstract_state, create_state
-from train.step import batch_sharding, compile_steps
+from train.step import compile_steps
 
 log = logging.getLogger("train")
 
-
-
-class NonFiniteError(RuntimeError):
-    pass
-
-
-def global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    """Assemble each process's slice of the batch into one array sharded over the mesh."""
-    sharding_ = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding_, v) for k, v in local.items()}
+__all__ = ["NonFiniteError", "run"]
 
 
 def evaluate(eval_step, params, corpus, cfg, mesh) -> dict[str, float]:
@@ -55,9 +45,9 @@ def evaluate(eval_step, params, corpus, cfg, mesh) -> dict[str, float]:
         corpus, seq_len=cfg.train.seq_len, batch_size=cfg.eval.batch_size // jax.process_count(),
         shard_index=jax.process_index(), shard_count=jax.process_count(),
     ):
-        out = jax.device_get(eval_step(params, global_batch(batch, mesh)))
-        loss_sum += float(out["loss_sum"])
-        tokens += float(out["tokens"])
+        out = jax.device_get(eval_step(params, {}, global_batch(batch, mesh)))
+        loss_sum += float(out["loss"])
+        tokens += float(out["weight"])
     loss = loss_sum / max(tokens, 1.0)
     return {
         "eval_loss": loss,
@@ -69,8 +59,6 @@ def evaluate(eval_step, params, corpus, cfg, mesh) -> dict[str, float]:
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
     """Train as configured; returns the final evaluation metrics."""
-    workdir = pathlib.Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
     sharding.initialize_distributed()
     is_primary = jax.process_index() == 0
     config_lib.validate(cfg, jax.device_count(), jax.process_count())
@@ -83,128 +71,47 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str
             f"config.model.vocab_size={model_config.vocab_size} does not match the tokenizer's "
             f"vocabulary of {corpus.tokenizer.vocab_size} (config.data)"
         )
+    workdir = loop.prepare_workdir(cfg, workdir)
     if is_primary:
-        (workdir / "config.json").write_text(cfg.to_json(indent=2))
         (workdir / "data_report.json").write_text(json.dumps(corpus.report, indent=2, default=str))
+        corpus.tokenizer.save(workdir / "tokenizer.model")  # what runs starting from this one read
 
-    steps = cfg.train.steps
-    optimizer = make_optimizer(cfg.optimizer, steps)
+    optimizer = make_optimizer(cfg.optimizer, cfg.train.steps)
     train_step, eval_step = compile_steps(
         model_config, optimizer, mesh, microbatches=cfg.train.microbatches, z_loss=cfg.train.z_loss
     )
-    data_iterator = pipeline.train_iterator(
-        corpus, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size // jax.process_count(),
-        seed=cfg.train.seed, shard_index=jax.process_index(), shard_count=jax.process_count(),
-    )
-    checkpointer = Checkpointer(
-        workdir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
-    )
-    restored = checkpointer.restore_latest(abstract_state(model_config, optimizer, mesh), data_iterator)
-    if restored is None:
-        state = create_state(model_config, optimizer, mesh, cfg.train.seed)
-        log.info("starting from scratch in %s", workdir)
-    else:
-        state, restored_step = restored
-        log.info("resumed from the checkpoint at step %d in %s", restored_step, workdir)
-    start_step = int(state.step)
-
     counts = param_counts(model_config)
+    flops = flops_per_token(model_config, cfg.train.seq_len)["total"]
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
-    flops_per_step = flops_per_token(model_config, cfg.train.seq_len)["total"] * tokens_per_step
-    peak = peak_flops_per_device()
     log.info(
         "model: %s parameters (%s non-embedding); %.3g FLOPs/token; mesh %s; %s devices (%s)",
-        f"{counts['total']:,}", f"{counts['nonembedding']:,}",
-        flops_per_token(model_config, cfg.train.seq_len)["total"], dict(mesh.shape),
+        f"{counts['total']:,}", f"{counts['nonembedding']:,}", flops, dict(mesh.shape),
         jax.device_count(), jax.devices()[0].device_kind,
     )
-
-    preempted = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: preempted.set())
-    writer = MetricsWriter(workdir, start_step, enabled=is_primary)
-    progress = Progress(steps) if is_primary else None
-    config_json = json.loads(cfg.to_json())
-
-    schedule = learning_rate_schedule(cfg.optimizer, steps)
-    timer = {"step": None, "time": None}
-
-    def report(step, metrics):
-        """Check one step's metrics and log them every `train.log_every` steps."""
-        values = jax.device_get(metrics)
-        if not values["finite"]:
-            message = (
-                f"non-finite loss or gradients at step {step} "
-                f"(loss={values['loss']}, grad_norm={values['grad_norm']})"
-            )
-            if cfg.train.nonfinite == "stop":
-                raise NonFiniteError(message + "; the update was not applied and the run stops")
-            log.warning("%s; update skipped (train.nonfinite='skip')", message)
-        now = time.perf_counter()
-        if timer["step"] is None:  # the first step includes compilation: time from its end
-            timer.update(step=step, time=now)
-        if step % cfg.train.log_every and step != steps:
-            return
-        row = {
-            "loss": float(values["loss"]), "grad_norm": float(values["grad_norm"]),
-            "lr": float(schedule(step - 1)), "nonfinite_steps": int(values["nonfinite_steps"]),
-        }
-        if step > timer["step"]:
-            step_time = (now - timer["time"]) / (step - timer["step"])
-            row.update(
-                step_time=step_time,
-                tokens_per_s=tokens_per_step / step_time,
-                flops_per_s=flops_per_step / step_time,
-            )
-            if peak:
-                row["mfu"] = row["flops_per_s"] / (peak * jax.device_count())
-            if progress:
-                progress.update(step, row["loss"], row["tokens_per_s"], row.get("mfu"), row["flops_per_s"], start_step)
-        writer.write(step, row)
-        timer.update(step=step, time=now)
-
-    last_eval = {}
-    with jax.set_mesh(mesh):
-        pending = None  # read a step's metrics only after the next step is dispatched
-        for step in range(start_step + 1, steps + 1):
-            state, metrics = train_step(state, global_batch(next(data_iterator), mesh))
-            if pending is not None:
-                report(*pending)
-            pending = (step, metrics)
-            if step % cfg.eval.every_steps == 0 and step != steps:
-                report(*pending)
-                pending = None
-                last_eval = evaluate(eval_step, state.params, corpus, cfg, mesh)
-                writer.write(step, last_eval)
-                timer.update(step=step, time=time.perf_counter())
-            if step % cfg.checkpoint.every_steps == 0 or preempted.is_set():
-                checkpointer.save(step, state, data_iterator, config_json)
-            if preempted.is_set():
-                log.warning("SIGTERM: saved the checkpoint at step %d and stopping", step)
-                break
-        if pending is not None:
-            report(*pending)
-        if progress:
-            progress.close()
-
-        finished = int(state.step) == steps
-        if finished:
-            last_eval = evaluate(eval_step, state.params, corpus, cfg, mesh)
-            writer.write(steps, last_eval)
-            if steps % cfg.checkpoint.every_steps:
-                checkpointer.save(steps, state, data_iterator, config_json)
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
-    if finished and is_primary:
+    job = loop.Job(
+        train_step=train_step,
+        batches=pipeline.train_iterator(
+            corpus, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size // jax.process_count(),
+            seed=cfg.train.seed, shard_index=jax.process_index(), shard_count=jax.process_count(),
+        ),
+        new_state=lambda: create_state(model_config, optimizer, mesh, cfg.train.seed),
+        abstract_state=abstract_state(optimizer, mesh, model.abstract_params(model_config)),
+        tokens_per_step=tokens_per_step,
+        flops_per_step=flops * tokens_per_step,
+        evaluate=lambda state: evaluate(eval_step, state.params, corpus, cfg, mesh),
+    )
+    result = loop.run(cfg, workdir, mesh, job)
+    if result.finished and is_primary:
         plot_loss_curve(workdir / "metrics.jsonl", workdir / "loss_curve.png")
-        write_samples(cfg, model_config, state.params, corpus, workdir)
+        write_samples(cfg, model_config, result.state.params, corpus, workdir)
+        final = result.last_eval
         print(
-            f"final validation loss {last_eval['eval_loss']:.4f} nats/token, "
-            f"perplexity {last_eval['eval_perplexity']:.2f}, "
-            f"{last_eval['eval_bits_per_byte']:.4f} bits/byte; "
+            f"final validation loss {final['eval_loss']:.4f} nats/token, "
+            f"perplexity {final['eval_perplexity']:.2f}, "
+            f"{final['eval_bits_per_byte']:.4f} bits/byte; "
             f"files in {workdir}"
         )
-    return last_eval
+    return result.last_eval
 
 
 def write_samples(cfg, model_config, params, corpus, workdir: pathlib.Path) -> None:

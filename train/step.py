@@ -1,33 +1,53 @@
-"""The compiled train and eval steps: pure functions of (state, batch).
+"""The compiled update and evaluation: pure functions of (state, batch), for any loss.
 
-A batch holds int32 [B, T] arrays `inputs`, `targets`, `segment_ids` (0 marks padding) and
-`positions`. The loss is averaged over real tokens (segment id > 0); logits, softmax and
-loss are float32 whatever the compute dtype.
+A training method supplies a loss function
+
+    loss_fn(params, frozen, batch, rng) -> LossOutput(objective, weight, metrics)
+
+returning sums over the examples of one micro-batch: the objective to differentiate, the
+weight it is a sum over (tokens for language modeling, pairs for DPO) and metric sums. The step
+accumulates gradients and sums over micro-batches and divides once by the total weight, so
+k micro-batches give exactly the update of the one big batch; an update whose objective or
+gradients are not finite is skipped and counted. Batches are dicts of arrays whose leading
+axis is the batch, sharded over the mesh's data axes whatever their keys and ranks.
+
+Language modeling: a batch holds int32 [B, T] arrays `inputs`, `targets`, `segment_ids` (0 marks
+padding) and `positions`, and optionally `loss_mask` (which targets count; by default every
+real token). Logits, softmax and loss are float32 whatever the compute dtype.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import model
 from model import sharding
 from train.state import TrainState, state_shardings
 
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")
+
+class LossOutput(NamedTuple):
+    objective: jax.Array  # summed over the micro-batch's examples; differentiated
+    weight: jax.Array  # what `objective` sums over; the update divides by its total
+    metrics: dict  # sums over the micro-batch, reported divided by the total weight
+
+
+LossFn = Callable[..., LossOutput]
 
 
 def token_losses(config: model.ModelConfig, params, batch, z_loss: float = 0.0):
-    """Sums over real tokens: (cross-entropy + z-loss, cross-entropy, token count)."""
+    """Sums over the loss mask: (cross-entropy + z-loss, cross-entropy, token count)."""
     logits_BTV = model.forward(
         config, params, batch["inputs"],
         segment_ids=batch["segment_ids"], positions=batch["positions"],
     )
-    mask_BT = (batch["segment_ids"] > 0).astype(jnp.float32)
+    mask = batch["loss_mask"] if "loss_mask" in batch else batch["segment_ids"] > 0
+    mask_BT = mask.astype(jnp.float32)
     ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
     ce_sum = jnp.sum(ce_BT * mask_BT)
     total = ce_sum
@@ -38,38 +58,50 @@ def token_losses(config: model.ModelConfig, params, batch, z_loss: float = 0.0):
     return total, ce_sum, jnp.sum(mask_BT)
 
 
+def language_model_loss(config: model.ModelConfig, z_loss: float = 0.0) -> LossFn:
+    """Next-token cross-entropy per masked token (pretraining and SFT)."""
+
+    def loss_fn(params, frozen, batch, rng):
+        del frozen, rng
+        total, ce_sum, count = token_losses(config, params, batch, z_loss)
+        return LossOutput(total, count, {"loss": ce_sum})
+
+    return loss_fn
+
+
 def _split_microbatches(batch, n: int):
     return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
 
 
-def train_step(state: TrainState, batch, *, config, optimizer, microbatches: int, z_loss: float):
-    """One optimizer update over `microbatches` accumulated micro-batches.
+def train_step(state: TrainState, batch, *, loss_fn: LossFn, optimizer, microbatches: int):
+    """One optimizer update over `microbatches` accumulated micro-batches."""
+    rng, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
 
-    Gradients of summed token losses are accumulated and divided by the total token count
-    once, so k micro-batches give exactly the gradient of the one big batch. An update
-    whose loss or gradients are not finite is skipped and counted.
-    """
+    def objective(params, micro, key):
+        out = loss_fn(params, state.frozen, micro, key)
+        return out.objective, (out.objective, out.weight, out.metrics)
 
-    def summed_loss(params, micro):
-        total, ce_sum, count = token_losses(config, params, micro, z_loss)
-        return total, (ce_sum, count)
+    grad_fn = jax.grad(objective, has_aux=True)
+    micro_batches = _split_microbatches(batch, microbatches)
+    keys = jax.random.split(step_key, microbatches)
 
-    grad_fn = jax.grad(summed_loss, has_aux=True)
+    def accumulate(carry, inputs):
+        g, sums = grad_fn(state.params, *inputs)
+        return jax.tree.map(jnp.add, carry, (g, sums)), None
 
-    def accumulate(carry, micro):
-        grads, ce_sum, count = carry
-        g, (c, n) = grad_fn(state.params, micro)
-        return (jax.tree.map(jnp.add, grads, g), ce_sum + c, count + n), None
-
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (grads, ce_sum, count), _ = jax.lax.scan(
-        accumulate, (zeros, 0.0, 0.0), _split_microbatches(batch, microbatches)
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    _, sums_shape = jax.eval_shape(grad_fn, state.params, first, keys[0])
+    zeros = (
+        jax.tree.map(jnp.zeros_like, state.params),
+        jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), sums_shape),
     )
-    count = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / count, grads)
-    loss = ce_sum / count
+    (grads, (objective_sum, weight, metric_sums)), _ = jax.lax.scan(
+        accumulate, zeros, (micro_batches, keys)
+    )
+    weight = jnp.maximum(weight, 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    finite = jnp.isfinite(objective_sum) & jnp.isfinite(grad_norm)
 
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -78,41 +110,51 @@ def train_step(state: TrainState, batch, *, config, optimizer, microbatches: int
         step=state.step + 1,
         params=keep(params, state.params),
         opt_state=keep(opt_state, state.opt_state),
+        rng=jax.random.key_data(rng),
         nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
     )
-    metrics = {
-        "loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": finite,
-        "nonfinite_steps": new_state.nonfinite_steps,
-    }
+    metrics = {name: value / weight for name, value in metric_sums.items()}
+    metrics.update(
+        grad_norm=grad_norm, weight=weight, finite=finite, nonfinite_steps=new_state.nonfinite_steps
+    )
     return new_state, metrics
 
 
-def eval_step(params, batch, *, config):
-    """Summed cross-entropy and real-token count of one batch."""
-    _, ce_sum, count = token_losses(config, params, batch)
-    return {"loss_sum": ce_sum, "tokens": count}
+def eval_step(params, frozen, batch, *, loss_fn: LossFn):
+    """The weight and metric sums of one batch (to be summed over an evaluation set)."""
+    out = loss_fn(params, frozen, batch, jax.random.key(0))
+    return {"weight": out.weight, **out.metrics}
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, sharding.logical_to_spec(("batch", "length")))
+    """The leading (batch) axis over the data axes; applies to every array of a batch."""
+    return NamedSharding(mesh, sharding.logical_to_spec(("batch",)))
+
+
+def compile_train_step(loss_fn: LossFn, optimizer, mesh: Mesh, shardings: TrainState, *, microbatches: int):
+    """jit the update with explicit shardings, the state donated."""
+    return jax.jit(
+        functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer, microbatches=microbatches),
+        in_shardings=(shardings, batch_sharding(mesh)),
+        out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=0,
+    )
+
+
+def compile_eval_step(loss_fn: LossFn, mesh: Mesh, shardings: TrainState):
+    """jit `(params, frozen, batch) -> sums` with the state's shardings."""
+    return jax.jit(
+        functools.partial(eval_step, loss_fn=loss_fn),
+        in_shardings=(shardings.params, shardings.frozen, batch_sharding(mesh)),
+        out_shardings=NamedSharding(mesh, PartitionSpec()),
+    )
 
 
 def compile_steps(config: model.ModelConfig, optimizer, mesh: Mesh, *, microbatches: int, z_loss: float):
-    """jit the train step (state donated) and the eval step with explicit shardings."""
-    state_sh = state_shardings(config, optimizer, mesh)
-    data_sh = {key: batch_sharding(mesh) for key in BATCH_KEYS}
-    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
-    train = jax.jit(
-        functools.partial(
-            train_step, config=config, optimizer=optimizer, microbatches=microbatches, z_loss=z_loss
-        ),
-        in_shardings=(state_sh, data_sh),
-        out_shardings=(state_sh, replicated),
-        donate_argnums=0,
+    """Pretraining's update and evaluation (`(params, frozen, batch) -> {"weight", "loss"}`,
+    summed cross-entropy without the z-loss)."""
+    shardings = state_shardings(optimizer, mesh, model.abstract_params(config))
+    train = compile_train_step(
+        language_model_loss(config, z_loss), optimizer, mesh, shardings, microbatches=microbatches
     )
-    evaluate = jax.jit(
-        functools.partial(eval_step, config=config),
-        in_shardings=(state_sh.params, data_sh),
-        out_shardings=replicated,
-    )
-    return train, evaluate
+    return train, compile_eval_step(language_model_loss(config), mesh, shardings)

@@ -81,6 +81,21 @@ def test_packed_segments_equal_documents_run_alone(name):
         start += n
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_hidden_states_through_the_head_give_the_logits(name):
+    config = CONFIGS[name]
+    params = model.init_params(config, jax.random.key(4))
+    tokens = _tokens((2, 9), seed=9)
+    segment_ids = jnp.asarray([[1] * 4 + [2] * 5, [1] * 7 + [0] * 2], jnp.int32)
+    hidden = model.hidden_states(config, params, tokens, segment_ids=segment_ids)
+    assert hidden.shape == (2, 9, config.d_model)
+    head = np.asarray(model.head_weights(config, params), np.float64)
+    expected = np.asarray(hidden, np.float64) @ (head.T if config.tie_embeddings else head)
+    logits = model.forward(config, params, tokens, segment_ids=segment_ids)
+    np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(model.output_logits(config, model.head_weights(config, params), hidden), logits)
+
+
 def test_remat_policies_and_layer_scan_give_the_same_gradients():
     tokens = _tokens((2, 8))
 

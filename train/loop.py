@@ -1,0 +1,179 @@
+"""The training loop every method shares: restore or create the state, step, log, evaluate,
+checkpoint, stop cleanly on SIGTERM.
+
+A method hands the loop a `Job`: its compiled update, its resumable batch iterator, how to
+make a fresh state and the abstract state to restore into, and optional evaluation. The loop
+owns everything else: checkpoints (state + data-iterator state + config, so a killed run
+resumes on the same trajectory), `metrics.jsonl` and TensorBoard, the progress line, the
+non-finite policy (`train.nonfinite`), and timing (tokens/s, MFU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import signal
+import threading
+import time
+from typing import Callable
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from train.checkpoint import Checkpointer
+from train.metrics import MetricsWriter, Progress, peak_flops_per_device
+from train.optimizer import learning_rate_schedule
+from train.state import TrainState
+from train.step import batch_sharding
+
+log = logging.getLogger("train")
+
+# Step metrics that are bookkeeping, not for the log.
+_UNLOGGED = ("finite", "weight")
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class Job:
+    """What a training method gives the loop."""
+
+    train_step: Callable  # compiled (state, batch) -> (state, metrics)
+    batches: grain.DatasetIterator  # this process's numpy batches; checkpointed with the state
+    new_state: Callable[[], TrainState]  # a fresh state, when the workdir has no checkpoint
+    abstract_state: TrainState  # shapes and shardings to restore a checkpoint into
+    tokens_per_step: int
+    flops_per_step: float | None = None  # model FLOPs of one update, for FLOP/s and MFU
+    evaluate: Callable[[TrainState], dict] | None = None  # metrics of the held-out set
+    finish: Callable[[TrainState], TrainState] | None = None  # before the final checkpoint
+
+
+@dataclasses.dataclass
+class Result:
+    state: TrainState
+    last_eval: dict
+    finished: bool  # reached train.steps (not stopped by SIGTERM)
+
+
+def global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """Assemble each process's slice of the batch into one array sharded over the mesh."""
+    sharding_ = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding_, v) for k, v in local.items()}
+
+
+def prepare_workdir(cfg: ml_collections.ConfigDict, workdir) -> pathlib.Path:
+    """Create the workdir and (on process 0) write the run's config into it."""
+    workdir = pathlib.Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(cfg.to_json(indent=2))
+    return workdir
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, mesh, job: Job) -> Result:
+    """Train for cfg.train.steps updates, resuming from the newest readable checkpoint."""
+    is_primary = jax.process_index() == 0
+    steps = cfg.train.steps
+    checkpointer = Checkpointer(
+        workdir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
+    )
+    restored = checkpointer.restore_latest(job.abstract_state, job.batches)
+    if restored is None:
+        state = job.new_state()
+        log.info("starting from scratch in %s", workdir)
+    else:
+        state, restored_step = restored
+        log.info("resumed from the checkpoint at step %d in %s", restored_step, workdir)
+    start_step = int(state.step)
+    if start_step >= steps:
+        log.info("the run in %s is already finished (step %d of %d)", workdir, start_step, steps)
+
+    preempted = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: preempted.set())
+    writer = MetricsWriter(workdir, start_step, enabled=is_primary)
+    progress = Progress(steps) if is_primary else None
+    config_json = json.loads(cfg.to_json())
+    schedule = learning_rate_schedule(cfg.optimizer, steps)
+    peak = peak_flops_per_device()
+    timer = {"step": None, "time": None}
+
+    def report(step, metrics):
+        """Check one step's metrics and log them every `train.log_every` steps."""
+        values = jax.device_get(metrics)
+        if not values["finite"]:
+            message = (
+                f"non-finite loss or gradients at step {step} "
+                f"(loss={values['loss']}, grad_norm={values['grad_norm']})"
+            )
+            if cfg.train.nonfinite == "stop":
+                raise NonFiniteError(message + "; the update was not applied and the run stops")
+            log.warning("%s; update skipped (train.nonfinite='skip')", message)
+        now = time.perf_counter()
+        if timer["step"] is None:  # the first step includes compilation: time from its end
+            timer.update(step=step, time=now)
+        if step % cfg.train.log_every and step != steps:
+            return
+        row = {k: v.item() for k, v in values.items() if k not in _UNLOGGED}
+        row["lr"] = float(schedule(step - 1))
+        if step > timer["step"]:
+            step_time = (now - timer["time"]) / (step - timer["step"])
+            row.update(step_time=step_time, tokens_per_s=job.tokens_per_step / step_time)
+            if job.flops_per_step:
+                row["flops_per_s"] = job.flops_per_step / step_time
+                if peak:
+                    row["mfu"] = row["flops_per_s"] / (peak * jax.device_count())
+            if progress:
+                progress.update(
+                    step, row["loss"], row["tokens_per_s"], row.get("mfu"), row.get("flops_per_s"),
+                    start_step,
+                )
+        writer.write(step, row)
+        timer.update(step=step, time=now)
+
+    def evaluate(step):
+        result = job.evaluate(state)
+        writer.write(step, result)
+        return result
+
+    last_eval = {}
+    with jax.set_mesh(mesh):
+        pending = None  # read a step's metrics only after the next step is dispatched
+        for step in range(start_step + 1, steps + 1):
+            state, metrics = job.train_step(state, global_batch(next(job.batches), mesh))
+            if pending is not None:
+                report(*pending)
+            pending = (step, metrics)
+            if job.evaluate and step % cfg.eval.every_steps == 0 and step != steps:
+                report(*pending)
+                pending = None
+                last_eval = evaluate(step)
+                timer.update(step=step, time=time.perf_counter())
+            if step != steps and (step % cfg.checkpoint.every_steps == 0 or preempted.is_set()):
+                checkpointer.save(step, state, job.batches, config_json)
+            if preempted.is_set():
+                log.warning("SIGTERM: saved the checkpoint at step %d and stopping", step)
+                break
+        if pending is not None:
+            report(*pending)
+        if progress:
+            progress.close()
+
+        finished = int(state.step) == steps
+        if finished and start_step < steps:
+            if job.evaluate:
+                last_eval = evaluate(steps)
+            if job.finish:
+                state = job.finish(state)
+            checkpointer.save(steps, state, job.batches, config_json)
+        elif finished and job.evaluate:
+            last_eval = job.evaluate(state)
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+    return Result(state, last_eval, finished)
