@@ -1,1 +1,1 @@
-"""Alignment on top of pretrained models: reward models, DPO, PPO and GRPO (not yet implemented)."""
+"""Post-training: SFT, LoRA, reward models and the DPO family, on the pretraining machinery."""

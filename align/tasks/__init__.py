@@ -1,0 +1,1 @@
+"""Tasks with checkable answers, for SFT data, evaluation and preference data from samples."""
