@@ -73,6 +73,7 @@ def kto_loss(
     beta: float,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    valid=None,
 ):
     """KTO (Ethayarajh et al. 2024, as TRL implements it) -> (losses, rewards, kl).
 
@@ -84,9 +85,12 @@ def kto_loss(
         desirable   (label 1)  desirable_weight   * (1 - σ(β (r - z0)))
         undesirable (label 0)  undesirable_weight * (1 - σ(β (z0 - r)))
 
-    labels are float {0, 1}; rewards = β r without gradient; kl is the scalar z0.
+    labels are float {0, 1}; rewards = β r without gradient; kl is the scalar z0. `valid` [B]
+    (1 for rows of data, 0 for rows that only fill a batch) keeps filler out of the mean.
     """
-    kl = jnp.maximum(jnp.mean(_f32(policy_kl_logps) - _f32(ref_kl_logps)), 0.0)
+    valid = jnp.ones_like(_f32(labels)) if valid is None else _f32(valid)
+    kl_terms = (_f32(policy_kl_logps) - _f32(ref_kl_logps)) * valid
+    kl = jnp.maximum(jnp.sum(kl_terms) / jnp.maximum(jnp.sum(valid), 1.0), 0.0)
     kl = jax.lax.stop_gradient(kl)
     logratio = _f32(policy_logps) - _f32(ref_logps)
     labels = _f32(labels)

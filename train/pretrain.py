@@ -136,6 +136,7 @@ def write_samples(cfg, model_config, params, corpus, workdir: pathlib.Path) -> N
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
     run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

@@ -200,3 +200,15 @@ def test_token_logps_match_float64_log_softmax(dtype):
     logp_BTV = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
     expected = np.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_kto_rows_marked_invalid_leave_the_reference_point_alone():
+    rng = np.random.default_rng(5)
+    p, r, pk, rk = (rng.normal(-10, 2, size=6).astype(np.float32) for _ in range(4))
+    labels = np.asarray([1, 0, 1, 0, 0, 0], np.float32)
+    valid = np.asarray([1, 1, 1, 1, 0, 0], np.float32)
+    kwargs = dict(beta=0.3)
+    full = losses.kto_loss(p, r, pk, rk, labels, valid=valid, **kwargs)
+    subset = losses.kto_loss(p[:4], r[:4], pk[:4], rk[:4], labels[:4], **kwargs)
+    np.testing.assert_allclose(float(full[2]), float(subset[2]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(full[0])[:4], np.asarray(subset[0]), rtol=1e-6)

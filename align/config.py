@@ -1,0 +1,87 @@
+"""The post-training config schema: pretraining's sections plus the method, where the run
+starts, its data, LoRA and each method's settings; and their validation.
+
+The model is not configured here: it is the one the run starts from (`init`), and the
+resolved model fields are written to the run's `config.json`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from align import data as align_data
+from align import losses, trees
+from train import config as train_config
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = train_config.base_config()
+    c.method = "sft"  # one of align.trees.METHODS
+    c.init = ml_collections.ConfigDict(
+        dict(
+            from_workdir="",  # a pretraining or post-training workdir: its newest checkpoint
+            from_hf="",  # or a Hugging Face model directory (config.json + safetensors)
+            tokenizer="",  # with from_hf: its SentencePiece model (default: tokenizer.model there)
+        )
+    )
+    c.data = align_data.default_config()
+    c.lora = ml_collections.ConfigDict(
+        dict(rank=0, alpha=16.0, targets=r"(attn/(q|k|v|o)|mlp/(up|gate|down))$")  # rank 0: off
+    )
+    c.dpo = ml_collections.ConfigDict(
+        dict(
+            beta=0.1,
+            loss_type="sigmoid",  # align.losses.DPO_LOSS_TYPES
+            label_smoothing=0.0,
+            # 'online': run the frozen reference in every step; 'cached': compute its log-probs
+            # once over the dataset before training; 'none': reference-free (log-probs 0).
+            reference="cached",
+            sft_weight=0.0,  # weight of the chosen responses' per-token NLL added to the loss
+        )
+    )
+    c.kto = ml_collections.ConfigDict(dict(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0))
+    c.reward = ml_collections.ConfigDict(dict(margin=0.0, center_coeff=0.0))
+    # Held-out accuracy of the policy on a task with an exact checker (align/tasks/), measured
+    # by greedy decoding at every evaluation; '' for none.
+    c.task = ml_collections.ConfigDict(
+        dict(name="", problems=200, seed=1, max_new_tokens=8, min_digits=1, max_digits=3)
+    )
+    c.train.batch_size = 16
+    c.train.seq_len = 64
+    c.train.steps = 200
+    c.train.log_every = 5
+    c.optimizer.update(lr=1e-4, warmup_steps=10, weight_decay=0.0, min_lr_ratio=0.0)
+    c.eval.every_steps = 50
+    c.eval.batch_size = 16
+    c.checkpoint.every_steps = 50
+    return c
+
+
+def validate(cfg, n_devices: int, n_processes: int) -> None:
+    """Refuse inconsistent settings before any work; errors name the key."""
+
+    def require(ok: bool, key: str, value, message: str):
+        if not ok:
+            raise ValueError(f"config.{key}={value!r}: {message}")
+
+    require(cfg.method in trees.METHODS, "method", cfg.method, f"expected one of {trees.METHODS}")
+    sources = [bool(cfg.init.from_workdir), bool(cfg.init.from_hf)]
+    require(
+        sum(sources) == 1, "init", cfg.init.to_dict(),
+        "set exactly one of init.from_workdir and init.from_hf",
+    )
+    require(cfg.lora.rank >= 0, "lora.rank", cfg.lora.rank, "must be >= 0 (0: no LoRA)")
+    require(
+        cfg.dpo.loss_type in losses.DPO_LOSS_TYPES, "dpo.loss_type", cfg.dpo.loss_type,
+        f"expected one of {losses.DPO_LOSS_TYPES}",
+    )
+    require(
+        cfg.dpo.reference in ("online", "cached", "none"), "dpo.reference", cfg.dpo.reference,
+        "expected 'online', 'cached' or 'none'",
+    )
+    require(
+        cfg.data.max_prompt_len < cfg.train.seq_len, "data.max_prompt_len", cfg.data.max_prompt_len,
+        f"must be below train.seq_len={cfg.train.seq_len}, to leave room for the response",
+    )
+    require(cfg.task.name in ("", "arithmetic"), "task.name", cfg.task.name, "expected '' or 'arithmetic'")
+    train_config.validate(cfg, n_devices, n_processes)

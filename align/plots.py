@@ -1,0 +1,43 @@
+"""Figures of a post-training run: loss, held-out task accuracy, and preference margins."""
+
+from __future__ import annotations
+
+import pathlib
+
+from train.metrics import read_metrics
+
+# (metric in metrics.jsonl, panel title); panels without data are left out.
+_PANELS = (
+    (("loss", "eval_loss"), "loss"),
+    (("eval_accuracy",), "held-out task accuracy (greedy)"),
+    (("rewards/margins", "eval_rewards/margins", "margin", "eval_margin"), "reward margin (chosen - rejected)"),
+    (("rewards/accuracies", "eval_rewards/accuracies", "pairwise_accuracy", "eval_pairwise_accuracy"), "pairwise accuracy"),
+)
+
+
+def plot_run(metrics_path: pathlib.Path, out_path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    panels = []
+    for keys, title in _PANELS:
+        series = {k: [(r["step"], r[k]) for r in rows if k in r] for k in keys}
+        series = {k: v for k, v in series.items() if v}
+        if series:
+            panels.append((title, series))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels):
+        for key, points in series.items():
+            steps, values = zip(*points)
+            style = "o-" if key.startswith("eval_") else "-"
+            ax.plot(steps, values, style, lw=1.5, ms=4, label=key)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)

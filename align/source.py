@@ -1,0 +1,91 @@
+"""Where a post-training run starts: the newest checkpoint of a pretraining or post-training
+workdir (SFT -> DPO -> RL), or Hugging Face weights; with the tokenizer that goes with them.
+
+A workdir's `config.json` says how its checkpoint is laid out: a pretraining state holds the
+model as `params`; a post-training state holds the trees of `align.trees` (LoRA adapters are
+merged into their base). The policy's weights come back sharded on the mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Callable
+
+import jax
+import ml_collections
+
+import model
+from align import trees
+from data import pipeline
+from data.tokenizer import Tokenizer
+from train.checkpoint import Checkpointer
+from train.optimizer import make_optimizer
+from train.state import abstract_state, tree_shardings
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+@dataclasses.dataclass
+class Start:
+    model_config: model.ModelConfig
+    tokenizer: Tokenizer
+    load_params: Callable  # mesh -> the policy's weights, sharded by their logical axes
+    description: str
+
+
+def resolve(cfg) -> Start:
+    if cfg.init.from_workdir:
+        return from_workdir(pathlib.Path(cfg.init.from_workdir))
+    return _from_hf(pathlib.Path(cfg.init.from_hf), cfg.init.tokenizer)
+
+
+def from_workdir(workdir: pathlib.Path) -> Start:
+    workdir = pathlib.Path(workdir).resolve()
+    config_file = workdir / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"init.from_workdir={str(workdir)!r}: no config.json there (not a run's workdir)")
+    if not (workdir / "checkpoints").is_dir():
+        raise FileNotFoundError(f"init.from_workdir={str(workdir)!r}: no checkpoints directory")
+    source = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    model_config = model.ModelConfig(**source.model.to_dict())
+    tokenizer_file = workdir / TOKENIZER_FILE
+    if tokenizer_file.is_file():
+        tokenizer = Tokenizer.load(tokenizer_file)
+    else:  # a pretraining run keeps its tokenizer in the data cache
+        tokenizer = pipeline.prepare(source.data, verbose=False).tokenizer
+
+    def load_params(mesh):
+        optimizer = make_optimizer(source.optimizer, source.train.steps)
+        if "method" in source:
+            params_boxed, frozen_boxed = trees.boxed_trees(source, model_config)
+        else:
+            params_boxed, frozen_boxed = model.abstract_params(model_config), None
+        abstract = abstract_state(optimizer, mesh, params_boxed, frozen_boxed)
+        checkpointer = Checkpointer(workdir / "checkpoints", keep=source.checkpoint.keep)
+        state, _ = checkpointer.restore_state(abstract)
+        checkpointer.close()
+        if "method" not in source:
+            return state.params
+        params = trees.policy(source, state.params, state.frozen)
+        if trees.uses_lora(source):  # merged on the host side of jit: re-place on the mesh
+            params = jax.device_put(params, tree_shardings(model.abstract_params(model_config), mesh))
+        return params
+
+    return Start(model_config, tokenizer, load_params, f"workdir {workdir}")
+
+
+def _from_hf(directory: pathlib.Path, tokenizer_path: str) -> Start:
+    tokenizer_file = pathlib.Path(tokenizer_path) if tokenizer_path else directory / TOKENIZER_FILE
+    if not tokenizer_file.is_file():
+        raise FileNotFoundError(
+            f"init.from_hf={str(directory)!r}: no SentencePiece model at {tokenizer_file}; "
+            "set init.tokenizer"
+        )
+    model_config, params = model.from_hf(directory)
+
+    def load_params(mesh):
+        return jax.device_put(params, tree_shardings(model.abstract_params(model_config), mesh))
+
+    return Start(model_config, Tokenizer.load(tokenizer_file), load_params, f"Hugging Face {directory}")

@@ -1,0 +1,240 @@
+"""Post-training entry point: SFT, DPO, KTO and reward models on the shared training loop.
+
+  python -m align.train --config=experiments/align/arithmetic_sft.py --workdir=runs/sft \
+      [--config.method=dpo --config.init.from_workdir=runs/sft --config.lora.rank=8 ...]
+
+Reads top to bottom: where the run starts (a workdir's checkpoint or Hugging Face weights,
+with their tokenizer), config checks, mesh, data, the method's loss compiled into the shared
+update, then `train.loop` (checkpoints, exact resume, SIGTERM, metrics), then plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+
+from align import config as align_config
+from align import data as align_data
+from align import dpo, kto, plots, reward, sft, source, trees
+from align.logprobs import response_logps
+from align.tasks import arithmetic
+from model import flops_per_token, param_counts, sharding
+from model.generate import generate
+from train import loop
+from train.loop import global_batch
+from train.optimizer import make_optimizer
+from train.state import abstract_state, init_state, state_shardings
+from train.step import batch_sharding, compile_eval_step, compile_train_step
+
+log = logging.getLogger("align")
+
+LOSSES = {"sft": sft.loss_fn, "dpo": dpo.loss_fn, "kto": kto.loss_fn, "reward": reward.loss_fn}
+DATA_KIND = {"sft": "sft", "dpo": "preference", "kto": "kto", "reward": "preference"}
+REFERENCE_CACHE = "reference_logps_{split}.npy"
+
+
+def _shard_args(batch_size: int) -> dict:
+    return dict(
+        batch_size=batch_size // jax.process_count(),
+        shard_index=jax.process_index(), shard_count=jax.process_count(),
+    )
+
+
+def _sum_over(batches, step_fn, mesh) -> dict[str, float]:
+    """Sums of a compiled function's outputs over batches."""
+    totals: dict[str, float] = {}
+    for batch in batches:
+        out = jax.device_get(step_fn(global_batch(batch, mesh)))
+        for key, value in out.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    return totals
+
+
+def _cached_reference(cfg, workdir, model_config, mesh, shardings, params, frozen, examples, split):
+    """Reference log-probs [N, 2] of every pair under the starting policy, computed once and
+    kept in the workdir, so a resumed run uses the same values."""
+    path = workdir / REFERENCE_CACHE.format(split=split)
+    if path.exists():
+        values = np.load(path)
+        if len(values) == len(examples):
+            return values
+    policy_cfg = ml_collections.ConfigDict({**cfg.to_dict(), "dpo": {**cfg.dpo.to_dict(), "reference": "online"}})
+    compute = jax.jit(
+        lambda p, f, b: response_logps(model_config, trees.policy(policy_cfg, p, f), b)[0],
+        in_shardings=(shardings.params, shardings.frozen, batch_sharding(mesh)),
+    )
+    rows = []
+    with jax.set_mesh(mesh):
+        for batch in align_data.eval_batches(
+            examples, DATA_KIND[cfg.method], seq_len=cfg.train.seq_len, **_shard_args(cfg.eval.batch_size)
+        ):
+            logps = compute(params, frozen, global_batch(batch, mesh))
+            logps = multihost_utils.process_allgather(logps, tiled=True)
+            rows.append(np.asarray(logps)[np.asarray(multihost_utils.process_allgather(batch["valid"], tiled=True)) > 0])
+    values = np.concatenate(rows).astype(np.float32)
+    if jax.process_index() == 0:
+        np.save(path, values)
+    return values
+
+
+def task_accuracy(cfg, model_config, tokenizer, policy_params) -> dict[str, float]:
+    """Greedy accuracy of the policy on held-out problems of the configured task."""
+    t = cfg.task
+    problems = arithmetic.generate(
+        t.problems, seed=t.seed, min_digits=t.min_digits, max_digits=t.max_digits, split="test"
+    )
+    prompts = [[tokenizer.bos_id] + ids for ids in tokenizer.encode([p.prompt for p in problems])]
+    outputs = generate(
+        model_config, jax.device_get(policy_params), prompts, max_new_tokens=t.max_new_tokens,
+        eos_id=tokenizer.eos_id,
+    )
+    scores = arithmetic.score(problems, tokenizer.decode(outputs))
+    return {"accuracy": scores["accuracy"], "task_reward": scores["mean_reward"]}
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.Result:
+    sharding.initialize_distributed()
+    is_primary = jax.process_index() == 0
+    start = source.resolve(cfg)
+    model_config = start.model_config
+    with cfg.unlocked():
+        cfg.model = ml_collections.ConfigDict(dataclasses.asdict(model_config))
+    align_config.validate(cfg, jax.device_count(), jax.process_count())
+    mesh = sharding.make_mesh(cfg.mesh.to_dict(), model_config=model_config)
+    tokenizer = start.tokenizer
+
+    kind, seq_len = DATA_KIND[cfg.method], cfg.train.seq_len
+    train_examples, train_report = align_data.load(kind, cfg.data, tokenizer, split="train", seq_len=seq_len)
+    eval_examples, eval_report = align_data.load(kind, cfg.data, tokenizer, split="eval", seq_len=seq_len)
+    workdir = loop.prepare_workdir(cfg, workdir)
+    if is_primary:
+        tokenizer.save(workdir / source.TOKENIZER_FILE)
+        report = {"train": train_report, "eval": eval_report}
+        (workdir / "data_report.json").write_text(json.dumps(report, indent=2, default=str))
+
+    optimizer = make_optimizer(cfg.optimizer, cfg.train.steps)
+    params_boxed, frozen_boxed = trees.boxed_trees(cfg, model_config)
+    shardings = state_shardings(optimizer, mesh, params_boxed, frozen_boxed)
+    loss_fn = LOSSES[cfg.method](cfg, model_config)
+    train_step = compile_train_step(loss_fn, optimizer, mesh, shardings, microbatches=cfg.train.microbatches)
+    eval_step = compile_eval_step(loss_fn, mesh, shardings)
+
+    def new_trees():
+        policy = start.load_params(mesh)
+        make = jax.jit(
+            lambda p: nn.meta.unbox(trees.trees(cfg, model_config, p, jax.random.key(cfg.train.seed))),
+            out_shardings=(shardings.params, shardings.frozen),
+        )
+        return make(policy)
+
+    def new_state():
+        params, frozen = new_trees()
+        make = jax.jit(
+            lambda p, f: init_state(p, optimizer, cfg.train.seed, f), out_shardings=shardings, donate_argnums=(0, 1)
+        )
+        return make(params, frozen)
+
+    if cfg.method == "dpo" and cfg.dpo.reference == "cached":
+        params, frozen = new_trees()
+        args = (cfg, workdir, model_config, mesh, shardings, params, frozen)
+        train_examples = align_data.with_field(
+            train_examples, "reference_logps", _cached_reference(*args, train_examples, "train")
+        )
+        if eval_examples:
+            eval_examples = align_data.with_field(
+                eval_examples, "reference_logps", _cached_reference(*args, eval_examples, "eval")
+            )
+        del params, frozen
+
+    def evaluate(state):
+        metrics = {}
+        if eval_examples:
+            sums = _sum_over(
+                align_data.eval_batches(eval_examples, kind, seq_len=seq_len, **_shard_args(cfg.eval.batch_size)),
+                lambda b: eval_step(state.params, state.frozen, b), mesh,
+            )
+            weight = max(sums.pop("weight"), 1.0)
+            metrics.update({f"eval_{k}": v / weight for k, v in sums.items()})
+        if cfg.task.name and cfg.method != "reward":
+            policy = trees.policy(cfg, state.params, state.frozen)
+            scores = task_accuracy(cfg, model_config, tokenizer, policy)
+            metrics.update({f"eval_{k}": v for k, v in scores.items()})
+        return metrics
+
+    rows_per_example = 1 if kind == "sft" else 2
+    tokens_per_step = cfg.train.batch_size * rows_per_example * seq_len
+    flops = flops_per_token(model_config, seq_len)["total"]  # forward and backward: 6N + attention
+    flops_per_step = flops * tokens_per_step
+    if trees.online_reference(cfg):
+        flops_per_step += flops / 3 * tokens_per_step  # the reference's forward pass
+    counts = param_counts(model_config)
+    trainable = sum(x.size for x in jax.tree.leaves(params_boxed))
+    log.info(
+        "%s from %s: %s parameters, %s trained; mesh %s; %d training and %d eval examples",
+        cfg.method, start.description, f"{counts['total']:,}", f"{trainable:,}", dict(mesh.shape),
+        len(train_examples), len(eval_examples),
+    )
+    job = loop.Job(
+        train_step=train_step,
+        batches=align_data.train_iterator(
+            train_examples, kind, seq_len=seq_len, seed=cfg.train.seed, **_shard_args(cfg.train.batch_size)
+        ),
+        new_state=new_state,
+        abstract_state=abstract_state(optimizer, mesh, params_boxed, frozen_boxed),
+        tokens_per_step=tokens_per_step,
+        flops_per_step=flops_per_step,
+        evaluate=evaluate,
+        finish=(lambda state: _normalize_rewards(cfg, model_config, mesh, shardings, state, eval_examples or train_examples))
+        if cfg.method == "reward" else None,
+    )
+    result = loop.run(cfg, workdir, mesh, job)
+    if result.finished and is_primary:
+        plots.plot_run(workdir / "metrics.jsonl", workdir / "training.png")
+        print(f"{cfg.method} finished: " + ", ".join(f"{k} {v:.4g}" for k, v in result.last_eval.items()))
+    return result
+
+
+def _normalize_rewards(cfg, model_config, mesh, shardings, state, examples):
+    """Store the mean and std of the rewards of `examples` (chosen and rejected alike)."""
+    compute = jax.jit(
+        lambda p, f, b: reward.rewards(cfg, model_config, p, f, b),
+        in_shardings=(shardings.params, shardings.frozen, batch_sharding(mesh)),
+    )
+    values = []
+    for batch in align_data.eval_batches(
+        examples, "preference", seq_len=cfg.train.seq_len, **_shard_args(cfg.eval.batch_size)
+    ):
+        r = multihost_utils.process_allgather(compute(state.params, state.frozen, global_batch(batch, mesh)), tiled=True)
+        valid = multihost_utils.process_allgather(batch["valid"], tiled=True)
+        values.append(np.asarray(r)[np.asarray(valid) > 0].ravel())
+    values = np.concatenate(values)
+    mean, std = float(values.mean()), float(max(values.std(), 1e-6))
+    log.info("reward normalization over %d responses: mean %.4f, std %.4f", values.size, mean, std)
+    normalization = {"mean": jnp.asarray(mean, jnp.float32), "std": jnp.asarray(std, jnp.float32)}
+    normalization = jax.device_put(normalization, shardings.frozen["normalization"])
+    return state.replace(frozen={**state.frozen, "normalization": normalization})
+
+
+def main(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
+    run(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

@@ -1,0 +1,55 @@
+"""Post-training a small pretrained model on multi-digit arithmetic, one variant per stage.
+
+  python -m align.train --config=experiments/align/arithmetic.py:sft --workdir=runs/arithmetic/sft
+  python -m align.train --config=experiments/align/arithmetic.py:dpo --workdir=runs/arithmetic/dpo
+
+Variants: sft, dpo, dpo_lora, kto, reward. The data files are written by
+`python -m experiments.align.pipeline`, which runs every stage in order (and the pretraining
+the SFT starts from, if its workdir has none).
+"""
+
+from align.config import base_config
+
+ROOT = "runs/arithmetic"
+VARIANTS = ("sft", "dpo", "dpo_lora", "kto", "reward")
+
+
+def get_config(variant: str = "sft"):
+    if variant not in VARIANTS:
+        raise ValueError(f"variant {variant!r}: expected one of {VARIANTS}")
+    c = base_config()
+    c.task.name = "arithmetic"
+    c.task.update(problems=300, min_digits=1, max_digits=3, max_new_tokens=8)
+    c.train.update(seq_len=32, batch_size=32, log_every=5)
+    c.data.max_prompt_len = 16
+    c.eval.batch_size = 64
+    if variant == "sft":
+        c.method = "sft"
+        c.init.from_workdir = f"{ROOT}/pretrained"
+        c.data.update(train_paths=(f"{ROOT}/data/sft_train.jsonl",), eval_paths=(f"{ROOT}/data/sft_eval.jsonl",))
+        c.train.steps = 600
+        c.optimizer.update(lr=1e-3, warmup_steps=30, schedule="cosine", min_lr_ratio=0.1)
+        c.eval.every_steps = 100
+        c.checkpoint.every_steps = 100
+        return c
+    c.init.from_workdir = f"{ROOT}/sft"
+    pairs = dict(train_paths=(f"{ROOT}/data/pairs_train.jsonl",), eval_paths=(f"{ROOT}/data/pairs_eval.jsonl",))
+    c.data.update(pairs)
+    c.train.steps = 150
+    c.eval.every_steps = 25
+    c.checkpoint.every_steps = 50
+    c.optimizer.update(lr=2e-5, warmup_steps=10, schedule="constant")
+    if variant in ("dpo", "dpo_lora"):
+        c.method = "dpo"
+        c.dpo.update(beta=0.1, loss_type="sigmoid", reference="cached")
+    if variant == "dpo_lora":
+        c.lora.update(rank=8, alpha=16.0)
+        c.optimizer.lr = 5e-4
+    if variant == "kto":
+        c.method = "kto"
+        c.data.update(train_paths=(f"{ROOT}/data/kto_train.jsonl",), eval_paths=(f"{ROOT}/data/kto_eval.jsonl",))
+    if variant == "reward":
+        c.method = "reward"
+        c.task.name = ""
+        c.optimizer.update(lr=1e-4, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    return c

@@ -1,0 +1,135 @@
+"""Post-training on arithmetic with no human data, every stage in order:
+
+  python -m experiments.align.pipeline --workdir=runs/arithmetic [--pretrained=runs/quickstart]
+
+1. pretraining (`experiments/quickstart.py` with digits split into single tokens, which
+   arithmetic needs), unless `--pretrained` names a finished run;
+2. SFT on addition and subtraction problems (`experiments/align/arithmetic.py:sft`);
+3. the SFT model's own samples on training problems, scored by the exact checker, give
+   preference pairs (a right answer chosen, a wrong one rejected) and KTO examples;
+4. DPO, DPO with LoRA, KTO, and a reward model on those pairs.
+
+Each stage resumes or is skipped when its workdir holds a finished run. At the end it prints
+the table of held-out accuracies and writes `summary.json` and `accuracy.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+
+import jax
+from absl import app, flags
+
+from align import source
+from align import train as align_train
+from align.tasks import arithmetic
+from experiments import quickstart
+from experiments.align import arithmetic as experiment
+from model import sharding
+from model.generate import generate
+from train import pretrain
+from train.metrics import read_metrics
+
+_WORKDIR = flags.DEFINE_string("workdir", "runs/arithmetic", "Directory of every stage's run.")
+_PRETRAINED = flags.DEFINE_string(
+    "pretrained", "", "Pretraining workdir to start from (default: WORKDIR/pretrained, trained here)."
+)
+_SFT_PROBLEMS = flags.DEFINE_integer("sft_problems", 20_000, "Training problems for SFT.")
+_PAIR_PROBLEMS = flags.DEFINE_integer("pair_problems", 3_000, "Training problems sampled for pairs.")
+_SAMPLES = flags.DEFINE_integer("samples", 4, "Samples per problem for pairs.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature for pairs.")
+
+log = logging.getLogger("pipeline")
+_SAMPLE_BATCH = 512  # prompts per generation call: one compilation serves every batch
+
+
+def _finished(workdir: pathlib.Path, steps: int) -> bool:
+    metrics = workdir / "metrics.jsonl"
+    return metrics.exists() and any(r["step"] >= steps for r in read_metrics(metrics))
+
+
+def sample(workdir: pathlib.Path, problems, n: int, temperature: float, seed: int) -> list[list[str]]:
+    """`n` sampled responses per problem from the newest checkpoint of `workdir`."""
+    start = source.from_workdir(workdir)
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    params = jax.device_get(start.load_params(mesh))
+    tokenizer = start.tokenizer
+    prompts = [[tokenizer.bos_id] + ids for ids in tokenizer.encode([p.prompt for p in problems])]
+    samples = [[] for _ in problems]
+    for draw in range(n):
+        for begin in range(0, len(prompts), _SAMPLE_BATCH):
+            batch = prompts[begin : begin + _SAMPLE_BATCH]
+            # Full batches compile once: pad the last one with copies of its first prompt.
+            padded = batch + [batch[0]] * (_SAMPLE_BATCH - len(batch))
+            outputs = generate(
+                start.model_config, params, padded, max_new_tokens=8, temperature=temperature,
+                rng=jax.random.fold_in(jax.random.key(seed), draw * len(prompts) + begin),
+                eos_id=tokenizer.eos_id,
+            )
+            for offset, text in enumerate(tokenizer.decode(outputs[: len(batch)])):
+                samples[begin + offset].append(text)
+    return samples
+
+
+def write_data(root: pathlib.Path, sft_workdir: pathlib.Path | None) -> None:
+    data = root / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    if sft_workdir is None:
+        train = arithmetic.generate(_SFT_PROBLEMS.value, seed=0, split="train")
+        held_out = arithmetic.generate(500, seed=3, split="test")
+        arithmetic.write_jsonl(data / "sft_train.jsonl", arithmetic.sft_records(train))
+        arithmetic.write_jsonl(data / "sft_eval.jsonl", arithmetic.sft_records(held_out))
+        return
+    report = {}
+    for split, count, seed in (("train", _PAIR_PROBLEMS.value, 4), ("eval", 300, 5)):
+        problems = arithmetic.generate(count, seed=seed, split="train" if split == "train" else "test")
+        drawn = sample(sft_workdir, problems, _SAMPLES.value, _TEMPERATURE.value, seed)
+        # A response that is EOS alone is no example for the loaders (an empty response).
+        kept = [(p, [s for s in ss if s.strip()]) for p, ss in zip(problems, drawn)]
+        problems, samples = zip(*[(p, ss) for p, ss in kept if ss])
+        problems, samples = list(problems), list(samples)
+        pairs, report[split] = arithmetic.preference_pairs(problems, samples, seed=seed)
+        report[split]["sample_accuracy"] = arithmetic.score(
+            [p for p, s in zip(problems, samples) for _ in s], [x for s in samples for x in s]
+        )["accuracy"]
+        arithmetic.write_jsonl(data / f"pairs_{split}.jsonl", pairs)
+        arithmetic.write_jsonl(data / f"kto_{split}.jsonl", arithmetic.kto_records(problems, samples))
+    (data / "pairs_report.json").write_text(json.dumps(report, indent=2))
+    log.info("preference pairs: %s", report)
+
+
+def run_stage(root: pathlib.Path, variant: str, init: pathlib.Path) -> dict:
+    cfg = experiment.get_config(variant)
+    cfg.init.from_workdir = str(init)
+    for key in ("train_paths", "eval_paths"):
+        cfg.data[key] = tuple(str(root / "data" / pathlib.Path(p).name) for p in cfg.data[key])
+    result = align_train.run(cfg, root / variant)
+    return result.last_eval
+
+
+def main(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
+    root = pathlib.Path(_WORKDIR.value)
+    pretrained = pathlib.Path(_PRETRAINED.value or root / "pretrained")
+    base = quickstart.get_config()
+    base.data.tokenizer.split_digits = True
+    if not _PRETRAINED.value and not _finished(pretrained, base.train.steps):
+        pretrain.run(base, pretrained)
+    if not (root / "data" / "sft_train.jsonl").exists():
+        write_data(root, None)
+    summary = {"sft": run_stage(root, "sft", pretrained)}
+    if not (root / "data" / "pairs_train.jsonl").exists():
+        write_data(root, root / "sft")
+    summary["pairs"] = json.loads((root / "data" / "pairs_report.json").read_text())
+    for variant in ("dpo", "dpo_lora", "kto", "reward"):
+        summary[variant] = run_stage(root, variant, root / "sft")
+    (root / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)

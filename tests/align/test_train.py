@@ -1,0 +1,176 @@
+"""End-to-end post-training on 8 fake devices: pretraining -> SFT with LoRA -> DPO and a reward
+model, each starting from the previous workdir; a DPO run killed with SIGKILL resumes on the
+uninterrupted run's trajectory."""
+
+import json
+import math
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from align import config as align_config
+from align import data as align_data
+from align import reward, source, trees
+from align import train as align_train
+from align.tasks import arithmetic
+from model import sharding
+from tests.train.tiny_experiment import tiny_config, write_tiny_corpus
+from train import pretrain
+from train.metrics import read_metrics
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+DPO_STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    corpus = write_tiny_corpus(tmp_path_factory.mktemp("corpus"))
+    workdir = tmp_path_factory.mktemp("pretrained")
+    cfg = tiny_config(corpus, tmp_path_factory.mktemp("cache"), steps=4)
+    cfg.sample.max_new_tokens = 2
+    pretrain.run(cfg, workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """SFT examples, and preference pairs of a right answer over a wrong one."""
+    directory = tmp_path_factory.mktemp("data")
+    arithmetic.write_jsonl(directory / "sft_train.jsonl", arithmetic.sft_records(arithmetic.generate(200, seed=0)))
+    arithmetic.write_jsonl(directory / "sft_eval.jsonl", arithmetic.sft_records(arithmetic.generate(16, seed=1, split="test")))
+    for split, count in (("train", 64), ("eval", 16)):
+        problems = arithmetic.generate(count, seed=2, split="train" if split == "train" else "test")
+        pairs = [{"prompt": p.prompt, "chosen": str(p.answer), "rejected": str(p.answer + 1)} for p in problems]
+        arithmetic.write_jsonl(directory / f"pairs_{split}.jsonl", pairs)
+    return directory
+
+
+def align_cfg(method, init, data_dir, **sections):
+    cfg = align_config.base_config()
+    cfg.method = method
+    cfg.init.from_workdir = str(init)
+    prefix = "sft" if method == "sft" else "pairs"
+    cfg.data.update(
+        train_paths=(str(data_dir / f"{prefix}_train.jsonl"),),
+        eval_paths=(str(data_dir / f"{prefix}_eval.jsonl"),),
+        max_prompt_len=12,
+    )
+    cfg.train.update(steps=DPO_STEPS, batch_size=8, seq_len=24, log_every=1)
+    cfg.optimizer.update(lr=1e-3, warmup_steps=0, schedule="constant")
+    cfg.eval.update(every_steps=100, batch_size=8)
+    cfg.checkpoint.update(every_steps=4, keep=2)
+    for section, values in sections.items():
+        cfg[section].update(values)
+    return cfg
+
+
+def _losses(workdir):
+    return {r["step"]: r["loss"] for r in read_metrics(workdir / "metrics.jsonl") if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def sft_run(pretrained, data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("sft")
+    cfg = align_cfg(
+        "sft", pretrained, data_dir, train=dict(steps=6), lora=dict(rank=4),
+        task=dict(name="arithmetic", problems=8, max_new_tokens=4),
+    )
+    return workdir, cfg, align_train.run(cfg, workdir)
+
+
+def test_sft_with_lora_trains_and_evaluates(sft_run):
+    workdir, _, result = sft_run
+    losses = _losses(workdir)
+    assert sorted(losses) == list(range(1, 7)) and losses[6] < losses[1]
+    assert set(result.last_eval) >= {"eval_loss", "eval_accuracy", "eval_task_reward"}
+    assert 0.0 <= result.last_eval["eval_task_reward"] <= 1.0
+    assert (workdir / "training.png").stat().st_size > 0
+    report = json.loads((workdir / "data_report.json").read_text())
+    assert report["train"]["examples"] == 200
+
+
+def test_the_next_run_starts_from_the_merged_sft_policy(sft_run):
+    workdir, cfg, result = sft_run
+    expected = jax.device_get(trees.policy(cfg, result.state.params, result.state.frozen))
+    mesh = sharding.make_mesh((-1, 1, 1))
+    loaded = jax.device_get(source.from_workdir(workdir).load_params(mesh))
+    jax.tree.map(np.testing.assert_array_equal, loaded, expected)
+
+
+def _launch(cfg_json, workdir):
+    config_file = workdir.parent / f"{workdir.name}_experiment.py"
+    config_file.write_text(textwrap.dedent(f"""
+        import json
+        import ml_collections
+        def get_config():
+            return ml_collections.ConfigDict(json.loads({cfg_json!r}))
+    """))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "align.train", f"--config={config_file}", f"--workdir={workdir}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def _wait_for_step(process, workdir, step, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (workdir / "metrics.jsonl").exists() and max(_losses(workdir), default=0) >= step:
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"run exited early:\n{process.stdout.read()}")
+        time.sleep(0.005)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def test_dpo_killed_resumes_on_the_uninterrupted_trajectory(sft_run, data_dir, tmp_path_factory):
+    sft_workdir, _, _ = sft_run
+    # Synchronous saves every 2 steps: a kill after step 5 always finds a finished checkpoint,
+    # and the saves keep the run slow enough to be killed before it ends.
+    cfg = align_cfg(
+        "dpo", sft_workdir, data_dir, dpo=dict(reference="cached", beta=0.5),
+        checkpoint=dict(every_steps=2, async_save=False),
+    )
+    reference = tmp_path_factory.mktemp("dpo")
+    result = align_train.run(cfg, reference)
+    losses = _losses(reference)
+    assert losses[1] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 1
+    rows = read_metrics(reference / "metrics.jsonl")
+    margins = [r["rewards/margins"] for r in rows if "rewards/margins" in r]
+    assert margins[0] == 0.0 and margins[-1] > 0.0
+    assert result.last_eval["eval_rewards/accuracies"] >= 0.0
+
+    killed = tmp_path_factory.mktemp("dpo_killed")
+    process = _launch(cfg.to_json(), killed)
+    _wait_for_step(process, killed, 5)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert max(_losses(killed)) < DPO_STEPS
+    resumed = _launch(cfg.to_json(), killed)
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    assert "resumed from the checkpoint at step" in output
+    assert _losses(killed) == losses
+
+
+def test_reward_model_learns_the_pairs_and_stores_its_normalization(pretrained, data_dir, tmp_path):
+    cfg = align_cfg("reward", pretrained, data_dir, train=dict(steps=10), reward=dict(center_coeff=0.01))
+    result = align_train.run(cfg, tmp_path)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert rows[-1]["eval_pairwise_accuracy"] >= 0.0 and "rewards/std" in rows[0]
+    norm = jax.device_get(result.state.frozen["normalization"])
+    tokenizer = source.from_workdir(tmp_path).tokenizer
+    examples, _ = align_data.load("preference", cfg.data, tokenizer, split="eval", seq_len=cfg.train.seq_len)
+    batch = next(align_data.eval_batches(examples, "preference", seq_len=cfg.train.seq_len, batch_size=16))
+    model_config = source.from_workdir(tmp_path).model_config
+    raw = np.asarray(reward.rewards(cfg, model_config, jax.device_get(result.state.params), {}, batch))
+    np.testing.assert_allclose(float(norm["mean"]), raw.mean(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(float(norm["std"]), raw.std(), rtol=1e-4)
