@@ -25,6 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     c.data = align_data.default_config()
+    c.data.max_prompt_len = 32
     c.lora = ml_collections.ConfigDict(
         dict(rank=0, alpha=16.0, targets=r"(attn/(q|k|v|o)|mlp/(up|gate|down))$")  # rank 0: off
     )
@@ -54,6 +55,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.every_steps = 50
     c.eval.batch_size = 16
     c.checkpoint.every_steps = 50
+    return c
+
+
+def method_config(method: str, **sections) -> ml_collections.ConfigDict:
+    """The base config for `method`, with `section=dict(key=value)` changes."""
+    c = base_config()
+    c.method = method
+    for section, values in sections.items():
+        c[section].update(values)
     return c
 
 

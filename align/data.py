@@ -39,6 +39,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from data import packing
 from data.packing import PACKING_BINS
 from data.tokenizer import Tokenizer
 
@@ -279,12 +280,7 @@ def with_field(examples: list[dict], name: str, values) -> list[dict]:
 def _check_request(kind, examples, seq_len, batch_size, shard_index, shard_count, seed=0) -> None:
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {KINDS}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: the per-process batch must be at least 1")
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index={shard_index} is not in [0, shard_count={shard_count})")
-    if not 0 <= seed < 2**32:
-        raise ValueError(f"seed={seed} is not in [0, 2**32)")
+    packing.check_request(seq_len, batch_size, shard_index, shard_count, seed)
     extra = sorted(set(examples[0]) - set(FIELDS[kind])) if examples else []
     if kind == "sft" and extra:
         raise ValueError(

@@ -20,9 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
 from jax.experimental import multihost_utils
-from ml_collections import config_flags
 
 from align import config as align_config
 from align import data as align_data
@@ -61,7 +59,7 @@ def _sum_over(batches, step_fn, mesh) -> dict[str, float]:
     return totals
 
 
-def _cached_reference(cfg, workdir, model_config, mesh, shardings, params, frozen, examples, split):
+def _cached_reference(cfg, workdir, model_config, mesh, shardings, start_trees, examples, split):
     """Reference log-probs [N, 2] of every pair under the starting policy, computed once and
     kept in the workdir, so a resumed run uses the same values."""
     path = workdir / REFERENCE_CACHE.format(split=split)
@@ -69,9 +67,9 @@ def _cached_reference(cfg, workdir, model_config, mesh, shardings, params, froze
         values = np.load(path)
         if len(values) == len(examples):
             return values
-    policy_cfg = ml_collections.ConfigDict({**cfg.to_dict(), "dpo": {**cfg.dpo.to_dict(), "reference": "online"}})
+    params, frozen = start_trees()
     compute = jax.jit(
-        lambda p, f, b: response_logps(model_config, trees.policy(policy_cfg, p, f), b)[0],
+        lambda p, f, b: response_logps(model_config, trees.policy(cfg, p, f), b)[0],
         in_shardings=(shardings.params, shardings.frozen, batch_sharding(mesh)),
     )
     rows = []
@@ -79,9 +77,9 @@ def _cached_reference(cfg, workdir, model_config, mesh, shardings, params, froze
         for batch in align_data.eval_batches(
             examples, DATA_KIND[cfg.method], seq_len=cfg.train.seq_len, **_shard_args(cfg.eval.batch_size)
         ):
-            logps = compute(params, frozen, global_batch(batch, mesh))
-            logps = multihost_utils.process_allgather(logps, tiled=True)
-            rows.append(np.asarray(logps)[np.asarray(multihost_utils.process_allgather(batch["valid"], tiled=True)) > 0])
+            logps = multihost_utils.process_allgather(compute(params, frozen, global_batch(batch, mesh)), tiled=True)
+            valid = multihost_utils.process_allgather(batch["valid"], tiled=True)
+            rows.append(np.asarray(logps)[np.asarray(valid) > 0])
     values = np.concatenate(rows).astype(np.float32)
     if jax.process_index() == 0:
         np.save(path, values)
@@ -146,8 +144,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.Res
         return make(params, frozen)
 
     if cfg.method == "dpo" and cfg.dpo.reference == "cached":
-        params, frozen = new_trees()
-        args = (cfg, workdir, model_config, mesh, shardings, params, frozen)
+        args = (cfg, workdir, model_config, mesh, shardings, new_trees)
         train_examples = align_data.with_field(
             train_examples, "reference_logps", _cached_reference(*args, train_examples, "train")
         )
@@ -155,7 +152,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.Res
             eval_examples = align_data.with_field(
                 eval_examples, "reference_logps", _cached_reference(*args, eval_examples, "eval")
             )
-        del params, frozen
 
     def evaluate(state):
         metrics = {}
@@ -226,15 +222,5 @@ def _normalize_rewards(cfg, model_config, mesh, shardings, state, examples):
     return state.replace(frozen={**state.frozen, "normalization": normalization})
 
 
-def main(argv):
-    del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
-    run(flags.FLAGS.config, flags.FLAGS.workdir)
-
-
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    loop.main(run)

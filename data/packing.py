@@ -85,7 +85,7 @@ def _split_pairs(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def _check_request(seq_len, batch_size, shard_index, shard_count, seed=0) -> None:
+def check_request(seq_len, batch_size, shard_index, shard_count, seed=0) -> None:
     if seq_len < 1:
         raise ValueError(f"seq_len={seq_len}: a row needs room for at least one token")
     if batch_size < 1:
@@ -130,7 +130,7 @@ def train_iterator(
     also in a new process, given the same corpus, arguments and worker_count (default:
     corpus.config.worker_count; 0 reads in this process).
     """
-    _check_request(seq_len, batch_size, shard_index, shard_count, seed)
+    check_request(seq_len, batch_size, shard_index, shard_count, seed)
     read_chunk = _read_chunk(corpus, "train", seq_len)
     chunks = grain.MapDataset.range(len(read_chunk))[shard_index::shard_count]
     if len(chunks) == 0:
@@ -162,7 +162,7 @@ def eval_batches(
     and every shard yields the same number of batches, so a collective eval step never waits on
     a process that has run out.
     """
-    _check_request(seq_len, batch_size, shard_index, shard_count)
+    check_request(seq_len, batch_size, shard_index, shard_count)
     read_chunk = _read_chunk(corpus, "val", seq_len)
     chunks = grain.MapDataset.range(len(read_chunk)).map(read_chunk)
     chunks = chunks.to_iter_dataset(_READ_IN_PLACE)

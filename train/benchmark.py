@@ -51,6 +51,24 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, documents_pe
     }
 
 
+def time_steps(step, state, batch, steps: int):
+    """(compile seconds, per-step seconds) of a compiled update: two warm-up steps, then
+    `steps` timed ones, each waited for."""
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    for _ in range(2):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return compile_s, times
+
+
 def main(argv):
     del argv
     config = model.get_config(
@@ -68,18 +86,7 @@ def main(argv):
 
     with jax.set_mesh(mesh):
         state = create_state(config, optimizer, mesh, seed=0)
-        start = time.perf_counter()
-        compiled = train_step.lower(state, batch).compile()
-        compile_s = time.perf_counter() - start
-        for _ in range(2):
-            state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        times = []
-        for _ in range(_STEPS.value):
-            start = time.perf_counter()
-            state, metrics = compiled(state, batch)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - start)
+        compile_s, times = time_steps(train_step, state, batch, _STEPS.value)
 
     step_time = statistics.median(times)
     tokens = _BATCH.value * _SEQ.value

@@ -23,6 +23,8 @@ import grain
 import jax
 import ml_collections
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
 from train.checkpoint import Checkpointer
 from train.metrics import MetricsWriter, Progress, peak_flops_per_device
@@ -177,3 +179,20 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, mesh, job: Job) -
     checkpointer.close()
     writer.close()
     return Result(state, last_eval, finished)
+
+
+def main(run: Callable[[ml_collections.ConfigDict, str], object]) -> None:
+    """The command line of every training entry point: `--config=FILE[:variant]` with
+    `--config.x.y=v` overrides, and `--workdir`. Flags are defined here, when a program runs,
+    not at import, so that drivers can import `run` beside flags of their own."""
+    config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+    def start(argv):
+        del argv
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
+        run(flags.FLAGS.config, flags.FLAGS.workdir)
+
+    app.run(start)

@@ -18,8 +18,6 @@ import pathlib
 
 import jax
 import ml_collections
-from absl import app, flags
-from ml_collections import config_flags
 
 import model
 from data import pipeline
@@ -133,16 +131,5 @@ def write_samples(cfg, model_config, params, corpus, workdir: pathlib.Path) -> N
     print(text)
 
 
-def main(argv):
-    del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
-    run(flags.FLAGS.config, flags.FLAGS.workdir)
-
-
 if __name__ == "__main__":
-    # Defined here rather than at import, so that sweeps can import `run` beside their own flags.
-    config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    loop.main(run)

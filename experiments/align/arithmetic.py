@@ -19,7 +19,7 @@ def get_config(variant: str = "sft"):
         raise ValueError(f"variant {variant!r}: expected one of {VARIANTS}")
     c = base_config()
     c.task.name = "arithmetic"
-    c.task.update(problems=300, min_digits=1, max_digits=3, max_new_tokens=8)
+    c.task.update(problems=300, min_digits=1, max_digits=2, max_new_tokens=6)
     c.train.update(seq_len=32, batch_size=32, log_every=5)
     c.data.max_prompt_len = 16
     c.eval.batch_size = 64
@@ -27,10 +27,10 @@ def get_config(variant: str = "sft"):
         c.method = "sft"
         c.init.from_workdir = f"{ROOT}/pretrained"
         c.data.update(train_paths=(f"{ROOT}/data/sft_train.jsonl",), eval_paths=(f"{ROOT}/data/sft_eval.jsonl",))
-        c.train.steps = 600
-        c.optimizer.update(lr=1e-3, warmup_steps=30, schedule="cosine", min_lr_ratio=0.1)
-        c.eval.every_steps = 100
-        c.checkpoint.every_steps = 100
+        c.train.steps = 1500
+        c.optimizer.update(lr=1e-3, warmup_steps=50, schedule="cosine", min_lr_ratio=0.1)
+        c.eval.every_steps = 250
+        c.checkpoint.every_steps = 250
         return c
     c.init.from_workdir = f"{ROOT}/sft"
     pairs = dict(train_paths=(f"{ROOT}/data/pairs_train.jsonl",), eval_paths=(f"{ROOT}/data/pairs_eval.jsonl",))

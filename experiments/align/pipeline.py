@@ -36,8 +36,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/arithmetic", "Directory of every
 _PRETRAINED = flags.DEFINE_string(
     "pretrained", "", "Pretraining workdir to start from (default: WORKDIR/pretrained, trained here)."
 )
-_SFT_PROBLEMS = flags.DEFINE_integer("sft_problems", 20_000, "Training problems for SFT.")
-_PAIR_PROBLEMS = flags.DEFINE_integer("pair_problems", 3_000, "Training problems sampled for pairs.")
+_SFT_PROBLEMS = flags.DEFINE_integer("sft_problems", 10_000, "Training problems for SFT.")
+_PAIR_PROBLEMS = flags.DEFINE_integer("pair_problems", 2_000, "Training problems sampled for pairs.")
 _SAMPLES = flags.DEFINE_integer("samples", 4, "Samples per problem for pairs.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature for pairs.")
 
@@ -50,7 +50,9 @@ def _finished(workdir: pathlib.Path, steps: int) -> bool:
     return metrics.exists() and any(r["step"] >= steps for r in read_metrics(metrics))
 
 
-def sample(workdir: pathlib.Path, problems, n: int, temperature: float, seed: int) -> list[list[str]]:
+def sample(
+    workdir: pathlib.Path, problems, n: int, temperature: float, seed: int, max_new_tokens: int
+) -> list[list[str]]:
     """`n` sampled responses per problem from the newest checkpoint of `workdir`."""
     start = source.from_workdir(workdir)
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
@@ -64,7 +66,7 @@ def sample(workdir: pathlib.Path, problems, n: int, temperature: float, seed: in
             # Full batches compile once: pad the last one with copies of its first prompt.
             padded = batch + [batch[0]] * (_SAMPLE_BATCH - len(batch))
             outputs = generate(
-                start.model_config, params, padded, max_new_tokens=8, temperature=temperature,
+                start.model_config, params, padded, max_new_tokens=max_new_tokens, temperature=temperature,
                 rng=jax.random.fold_in(jax.random.key(seed), draw * len(prompts) + begin),
                 eos_id=tokenizer.eos_id,
             )
@@ -76,16 +78,18 @@ def sample(workdir: pathlib.Path, problems, n: int, temperature: float, seed: in
 def write_data(root: pathlib.Path, sft_workdir: pathlib.Path | None) -> None:
     data = root / "data"
     data.mkdir(parents=True, exist_ok=True)
+    task = experiment.get_config("sft").task
+    digits = dict(min_digits=task.min_digits, max_digits=task.max_digits)
     if sft_workdir is None:
-        train = arithmetic.generate(_SFT_PROBLEMS.value, seed=0, split="train")
-        held_out = arithmetic.generate(500, seed=3, split="test")
+        train = arithmetic.generate(_SFT_PROBLEMS.value, seed=0, split="train", **digits)
+        held_out = arithmetic.generate(500, seed=3, split="test", **digits)
         arithmetic.write_jsonl(data / "sft_train.jsonl", arithmetic.sft_records(train))
         arithmetic.write_jsonl(data / "sft_eval.jsonl", arithmetic.sft_records(held_out))
         return
     report = {}
     for split, count, seed in (("train", _PAIR_PROBLEMS.value, 4), ("eval", 300, 5)):
-        problems = arithmetic.generate(count, seed=seed, split="train" if split == "train" else "test")
-        drawn = sample(sft_workdir, problems, _SAMPLES.value, _TEMPERATURE.value, seed)
+        problems = arithmetic.generate(count, seed=seed, split="train" if split == "train" else "test", **digits)
+        drawn = sample(sft_workdir, problems, _SAMPLES.value, _TEMPERATURE.value, seed, task.max_new_tokens)
         # A response that is EOS alone is no example for the loaders (an empty response).
         kept = [(p, [s for s in ss if s.strip()]) for p, ss in zip(problems, drawn)]
         problems, samples = zip(*[(p, ss) for p, ss in kept if ss])

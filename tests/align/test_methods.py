@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import model
-from align import config as align_config
+from align.config import method_config as _cfg
 from align import dpo, kto, reward, sft, trees
 from align.logprobs import response_logps
 from model import sharding
@@ -22,14 +22,6 @@ CONFIG = model.ModelConfig(
     vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=32,
 )
 T = 16
-
-
-def _cfg(method, **sections):
-    cfg = align_config.base_config()
-    cfg.method = method
-    for section, values in sections.items():
-        cfg[section].update(values)
-    return cfg
 
 
 def _trees(cfg, seed=0):

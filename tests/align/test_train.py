@@ -22,6 +22,7 @@ from align import reward, source, trees
 from align import train as align_train
 from align.tasks import arithmetic
 from model import sharding
+from tests.train.test_pretrain import _wait_for_step
 from tests.train.tiny_experiment import tiny_config, write_tiny_corpus
 from train import pretrain
 from train.metrics import read_metrics
@@ -54,8 +55,7 @@ def data_dir(tmp_path_factory):
 
 
 def align_cfg(method, init, data_dir, **sections):
-    cfg = align_config.base_config()
-    cfg.method = method
+    cfg = align_config.method_config(method)
     cfg.init.from_workdir = str(init)
     prefix = "sft" if method == "sft" else "pairs"
     cfg.data.update(
@@ -118,17 +118,6 @@ def _launch(cfg_json, workdir):
         [sys.executable, "-m", "align.train", f"--config={config_file}", f"--workdir={workdir}"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-
-
-def _wait_for_step(process, workdir, step, timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if (workdir / "metrics.jsonl").exists() and max(_losses(workdir), default=0) >= step:
-            return
-        if process.poll() is not None:
-            raise AssertionError(f"run exited early:\n{process.stdout.read()}")
-        time.sleep(0.005)
-    raise AssertionError(f"step {step} not reached in {timeout}s")
 
 
 def test_dpo_killed_resumes_on_the_uninterrupted_trajectory(sft_run, data_dir, tmp_path_factory):
