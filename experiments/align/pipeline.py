@@ -113,6 +113,35 @@ def run_stage(root: pathlib.Path, variant: str, init: pathlib.Path) -> dict:
     return result.last_eval
 
 
+def plot_summary(root: pathlib.Path, out_path: pathlib.Path) -> None:
+    """Held-out accuracy, DPO/KTO reward margins, and the reward model's pairwise accuracy,
+    against the steps of each stage after SFT (step 0: the SFT model)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {v: read_metrics(root / v / "metrics.jsonl") for v in ("sft", "dpo", "dpo_lora", "kto", "reward")}
+    sft_accuracy = [r["eval_accuracy"] for r in rows["sft"] if "eval_accuracy" in r][-1]
+    fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.8))
+    for variant in ("dpo", "dpo_lora", "kto"):
+        points = [(0, sft_accuracy)] + [(r["step"], r["eval_accuracy"]) for r in rows[variant] if "eval_accuracy" in r]
+        axes[0].plot(*zip(*points), "o-", ms=3, label=variant)
+        margins = [(r["step"], r["rewards/margins"]) for r in rows[variant] if "rewards/margins" in r]
+        axes[1].plot(*zip(*margins), lw=1, label=f"{variant} (train)")
+    pairwise = [(r["step"], r["eval_pairwise_accuracy"]) for r in rows["reward"] if "eval_pairwise_accuracy" in r]
+    axes[2].plot(*zip(*pairwise), "o-", ms=3, color="tab:purple", label="held-out pairs")
+    titles = ("held-out accuracy (greedy)", "reward margin, chosen - rejected", "reward model pairwise accuracy")
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step after SFT" if ax is not axes[2] else "step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -132,6 +161,7 @@ def main(argv):
     for variant in ("dpo", "dpo_lora", "kto", "reward"):
         summary[variant] = run_stage(root, variant, root / "sft")
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_summary(root, root / "accuracy.png")
     print(json.dumps(summary, indent=2))
 
 

@@ -177,3 +177,21 @@ def test_lora_trains_only_the_adapters_and_the_reference_is_the_base():
     assert moment_sizes == 2 * sum(x.size for x in jax.tree.leaves(after.params))
     assert float(history[0]["loss"]) == pytest.approx(math.log(2), abs=1e-6)
     assert float(history[-1]["rewards/margins"]) > 0.0
+
+
+def test_ipo_reads_per_token_averages_and_sft_weight_adds_the_chosen_nll():
+    ipo = _cfg("dpo", dpo=dict(reference="online", loss_type="ipo", beta=0.25))
+    params, frozen = _trees(ipo)
+    batch = _pairs()
+    moved = jax.tree.map(lambda w: w * 1.05, params)
+    loss, _ = _loss(dpo.loss_fn(ipo, CONFIG), moved, frozen, batch)
+    policy, counts = (np.asarray(x, np.float64) for x in response_logps(CONFIG, moved["model"], batch))
+    reference = np.asarray(response_logps(CONFIG, frozen["reference"], batch)[0], np.float64)
+    h = (policy / counts - reference / counts) @ np.asarray([1.0, -1.0])
+    assert loss == pytest.approx(np.mean((h - 1 / (2 * 0.25)) ** 2), rel=1e-5)
+
+    plain = _cfg("dpo", dpo=dict(reference="online"))
+    weighted = _cfg("dpo", dpo=dict(reference="online", sft_weight=0.5))
+    base_loss, _ = _loss(dpo.loss_fn(plain, CONFIG), moved, frozen, batch)
+    weighted_loss, _ = _loss(dpo.loss_fn(weighted, CONFIG), moved, frozen, batch)
+    assert weighted_loss == pytest.approx(base_loss + 0.5 * np.mean(-policy[:, 0] / counts[:, 0]), rel=1e-5)

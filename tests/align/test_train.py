@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+import model
 from align import config as align_config
 from align import data as align_data
 from align import reward, source, trees
@@ -163,3 +164,45 @@ def test_reward_model_learns_the_pairs_and_stores_its_normalization(pretrained, 
     raw = np.asarray(reward.rewards(cfg, model_config, jax.device_get(result.state.params), {}, batch))
     np.testing.assert_allclose(float(norm["mean"]), raw.mean(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(float(norm["std"]), raw.std(), rtol=1e-4)
+
+
+def test_a_run_starts_from_hugging_face_weights_with_their_tokenizer(pretrained, data_dir, tmp_path):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    hf_config = transformers.LlamaConfig(
+        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+    )
+    transformers.LlamaForCausalLM(hf_config).save_pretrained(tmp_path / "hf")
+    cfg = align_cfg("sft", pretrained, data_dir)
+    cfg.init.update(from_workdir="", from_hf=str(tmp_path / "hf"))
+    with pytest.raises(FileNotFoundError, match="no SentencePiece model at .*set init.tokenizer"):
+        source.resolve(cfg)
+    cfg.init.tokenizer = str(pretrained / "tokenizer.model")
+    start = source.resolve(cfg)
+    mesh = sharding.make_mesh((-1, 1, 1))
+    loaded = jax.device_get(start.load_params(mesh))
+    _, expected = model.from_hf(tmp_path / "hf")
+    jax.tree.map(np.testing.assert_array_equal, loaded, jax.device_get(expected))
+    assert start.tokenizer.vocab_size == 512
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("method", "ppo", r"config.method='ppo': expected one of \('sft', 'dpo', 'kto', 'reward'\)"),
+        ("init.from_hf", "/x", r"config.init=.*set exactly one of init.from_workdir and init.from_hf"),
+        ("dpo.loss_type", "exp", r"config.dpo.loss_type='exp': expected one of"),
+        ("dpo.reference", "model", r"config.dpo.reference='model'"),
+        ("data.max_prompt_len", 24, r"config.data.max_prompt_len=24: must be below train.seq_len=24"),
+        ("lora.rank", -1, r"config.lora.rank=-1"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path, key, value, message):
+    cfg = align_cfg("dpo", tmp_path, tmp_path)
+    section, _, name = key.rpartition(".")
+    (cfg[section] if section else cfg)[name] = value
+    with pytest.raises(ValueError, match=message):
+        align_config.validate(cfg, n_devices=8, n_processes=1)
