@@ -1,6 +1,6 @@
 """Post-training updates beside the pretraining update on the same model and tokens per step.
 
-  python -m align.benchmark --preset=llama-tiny --batch_size=16 --seq_len=256
+  python -m align.benchmark --preset=llama-tiny --batch_size=16 --seq_len=256 --dtype=float32
 
 Every update sees batch_size x seq_len tokens: pretraining and SFT as [B, T] rows, the
 preference methods as B/2 pairs of [2, T]. DPO with a cached reference costs one forward and
@@ -27,10 +27,9 @@ from train.optimizer import make_optimizer
 from train.state import create_state, init_state, state_shardings
 from train.step import compile_steps, compile_train_step
 
-_PRESET = flags.DEFINE_string("preset", "llama-tiny", "Model preset (model.PRESETS).")
-_BATCH = flags.DEFINE_integer("batch_size", 16, "Sequences per update (pairs count twice).")
-_SEQ = flags.DEFINE_integer("seq_len", 256, "Sequence length.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per method (after two warm-up steps).")
+# The flags are train.benchmark's (--preset, --batch_size, --seq_len, --steps; --dtype,
+# --remat and --scan_layers as there); a pair counts as two sequences of the batch.
+FLAGS = flags.FLAGS
 
 
 def _preference_batch(batch_size: int, seq_len: int, vocab_size: int) -> dict[str, np.ndarray]:
@@ -54,9 +53,13 @@ def _method_step(cfg, config, mesh, loss_fn_builder):
 
 def main(argv):
     del argv
-    config = model.get_config(_PRESET.value, max_seq_len=max(_SEQ.value, model.get_config(_PRESET.value).max_seq_len))
+    preset = model.get_config(FLAGS.preset)
+    config = preset.replace(
+        dtype=FLAGS.dtype, remat=FLAGS.remat, scan_layers=FLAGS.scan_layers,
+        max_seq_len=max(FLAGS.seq_len, preset.max_seq_len),
+    )
     mesh = sharding.make_mesh((-1, 1, 1), model_config=config)
-    B, T = _BATCH.value, _SEQ.value
+    B, T = FLAGS.batch_size, FLAGS.seq_len
     rows = synthetic_batch(B, T, config.vocab_size, 1)
     sft_rows = {**rows, "loss_mask": (np.arange(T) >= T // 4).astype(np.int32)[None].repeat(B, 0)}
     pairs = _preference_batch(B, T, config.vocab_size)
@@ -76,12 +79,12 @@ def main(argv):
             cases.append((name, *_method_step(c, config, mesh, builder), batch))
         for name, step, state, batch in cases:
             compiled_memory = step.lower(state, batch).compile().memory_analysis()
-            _, times = time_steps(step, state, batch, _STEPS.value)
+            _, times = time_steps(step, state, batch, FLAGS.steps)
             results.append((name, statistics.median(times), compiled_memory.temp_size_in_bytes))
 
     counts = model.param_counts(config)
     print(f"device   {jax.device_count()} x {jax.devices()[0].device_kind}")
-    print(f"model    {_PRESET.value}: {counts['total']:,} params; {B} x {T} tokens per update")
+    print(f"model    {FLAGS.preset}: {counts['total']:,} params; {B} x {T} tokens per update")
     print(f"{'update':24s} {'step ms':>9s} {'tokens/s':>10s} {'vs pretraining':>15s} {'temp MiB':>9s}")
     base_time = results[0][1]
     for name, step_time, temp in results:

@@ -3,7 +3,8 @@
   python -m align.train --config=experiments/align/arithmetic.py:sft --workdir=runs/arithmetic/sft
   python -m align.train --config=experiments/align/arithmetic.py:dpo --workdir=runs/arithmetic/dpo
 
-Variants: sft, dpo, dpo_lora, kto, reward. The data files are written by
+Variants: sft, dpo (with the chosen responses' NLL added, which keeps their likelihood from
+falling), dpo_plain (the original loss alone), dpo_lora, kto, reward. The data files are written by
 `python -m experiments.align.pipeline`, which runs every stage in order (and the pretraining
 the SFT starts from, if its workdir has none).
 """
@@ -11,7 +12,7 @@ the SFT starts from, if its workdir has none).
 from align.config import base_config
 
 ROOT = "runs/arithmetic"
-VARIANTS = ("sft", "dpo", "dpo_lora", "kto", "reward")
+VARIANTS = ("sft", "dpo", "dpo_plain", "dpo_lora", "kto", "reward")
 
 
 def get_config(variant: str = "sft"):
@@ -40,14 +41,20 @@ def get_config(variant: str = "sft"):
     c.eval.every_steps = 25
     c.checkpoint.every_steps = 50
     c.optimizer.update(lr=2e-5, warmup_steps=10, schedule="constant")
-    if variant in ("dpo", "dpo_lora"):
+    if variant.startswith("dpo"):
         c.method = "dpo"
-        c.dpo.update(beta=0.1, loss_type="sigmoid", reference="cached")
+        c.dpo.update(beta=0.1, loss_type="sigmoid", reference="cached", sft_weight=1.0)
+    if variant == "dpo_plain":
+        c.dpo.sft_weight = 0.0
     if variant == "dpo_lora":
         c.lora.update(rank=8, alpha=16.0)
         c.optimizer.lr = 5e-4
     if variant == "kto":
         c.method = "kto"
+        # The self-sampled data has about two undesirable examples per desirable one; the KTO
+        # paper advises desirable_weight * n_desirable / (undesirable_weight * n_undesirable)
+        # in [1, 4/3].
+        c.kto.desirable_weight = 2.0
         c.data.update(train_paths=(f"{ROOT}/data/kto_train.jsonl",), eval_paths=(f"{ROOT}/data/kto_eval.jsonl",))
     if variant == "reward":
         c.method = "reward"

@@ -7,7 +7,7 @@
 2. SFT on addition and subtraction problems (`experiments/align/arithmetic.py:sft`);
 3. the SFT model's own samples on training problems, scored by the exact checker, give
    preference pairs (a right answer chosen, a wrong one rejected) and KTO examples;
-4. DPO, DPO with LoRA, KTO, and a reward model on those pairs.
+4. DPO with and without the SFT term, DPO with LoRA, KTO, and a reward model on those pairs.
 
 Each stage resumes or is skipped when its workdir holds a finished run. At the end it prints
 the table of held-out accuracies and writes `summary.json` and `accuracy.png`.
@@ -121,10 +121,10 @@ def plot_summary(root: pathlib.Path, out_path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = {v: read_metrics(root / v / "metrics.jsonl") for v in ("sft", "dpo", "dpo_lora", "kto", "reward")}
+    rows = {v: read_metrics(root / v / "metrics.jsonl") for v in experiment.VARIANTS}
     sft_accuracy = [r["eval_accuracy"] for r in rows["sft"] if "eval_accuracy" in r][-1]
     fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.8))
-    for variant in ("dpo", "dpo_lora", "kto"):
+    for variant in ("dpo", "dpo_plain", "dpo_lora", "kto"):
         points = [(0, sft_accuracy)] + [(r["step"], r["eval_accuracy"]) for r in rows[variant] if "eval_accuracy" in r]
         axes[0].plot(*zip(*points), "o-", ms=3, label=variant)
         margins = [(r["step"], r["rewards/margins"]) for r in rows[variant] if "rewards/margins" in r]
@@ -140,6 +140,21 @@ def plot_summary(root: pathlib.Path, out_path: pathlib.Path) -> None:
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
+
+
+def table(summary: dict) -> str:
+    """The results as a Markdown table: greedy accuracy and mean task reward on held-out
+    problems; on held-out pairs, the implicit (DPO) or learned (reward model) pairwise accuracy."""
+    lines = [
+        "| stage | held-out accuracy | mean task reward | held-out pair accuracy |",
+        "|---|---|---|---|",
+    ]
+    for variant in experiment.VARIANTS:
+        e = summary[variant]
+        pairs = e.get("eval_rewards/accuracies", e.get("eval_pairwise_accuracy"))
+        cells = [e.get("eval_accuracy"), e.get("eval_task_reward"), pairs]
+        lines.append(f"| {variant} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv):
@@ -158,11 +173,11 @@ def main(argv):
     if not (root / "data" / "pairs_train.jsonl").exists():
         write_data(root, root / "sft")
     summary["pairs"] = json.loads((root / "data" / "pairs_report.json").read_text())
-    for variant in ("dpo", "dpo_lora", "kto", "reward"):
+    for variant in experiment.VARIANTS[1:]:
         summary[variant] = run_stage(root, variant, root / "sft")
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_summary(root, root / "accuracy.png")
-    print(json.dumps(summary, indent=2))
+    print(table(summary))
 
 
 if __name__ == "__main__":
