@@ -168,6 +168,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.Res
             metrics.update({f"eval_{k}": v for k, v in scores.items()})
         return metrics
 
+    def normalize(state):
+        reference_set = eval_examples or train_examples
+        return _normalize_rewards(cfg, model_config, mesh, shardings, state, reference_set)
+
     rows_per_example = 1 if kind == "sft" else 2
     tokens_per_step = cfg.train.batch_size * rows_per_example * seq_len
     flops = flops_per_token(model_config, seq_len)["total"]  # forward and backward: 6N + attention
@@ -191,8 +195,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.Res
         tokens_per_step=tokens_per_step,
         flops_per_step=flops_per_step,
         evaluate=evaluate,
-        finish=(lambda state: _normalize_rewards(cfg, model_config, mesh, shardings, state, eval_examples or train_examples))
-        if cfg.method == "reward" else None,
+        finish=normalize if cfg.method == "reward" else None,
     )
     result = loop.run(cfg, workdir, mesh, job)
     if result.finished and is_primary:

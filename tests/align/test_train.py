@@ -34,7 +34,7 @@ DPO_STEPS = 12
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    corpus = write_tiny_corpus(tmp_path_factory.mktemp("corpus"))
+    corpus = write_tiny_corpus(tmp_path_factory.mktemp("align_corpus"))
     workdir = tmp_path_factory.mktemp("pretrained")
     cfg = tiny_config(corpus, tmp_path_factory.mktemp("cache"), steps=4)
     cfg.sample.max_new_tokens = 2
