@@ -34,7 +34,9 @@ class Checkpointer:
 
     def restore_latest(self, abstract_state, data_iterator):
         """(state, step) of the newest checkpoint that restores, or None if there is none.
-        `data_iterator` is restored in place."""
+        `data_iterator` is restored in place. Unreadable checkpoints newer than the one
+        restored are deleted, so that the run can save those steps again."""
+        unreadable = []
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
                 restored = self._manager.restore(
@@ -49,7 +51,10 @@ class Checkpointer:
                     "checkpoint %s/%d cannot be restored (%s: %s); trying the previous one",
                     self.directory, step, type(error).__name__, error,
                 )
+                unreadable.append(step)
                 continue
+            for bad in unreadable:
+                self._manager.delete(bad)
             return restored.state, step
         return None
 

@@ -39,6 +39,21 @@ def read_metrics(path) -> list[dict]:
     return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
 
 
+def _complete_rows(path: pathlib.Path) -> list[dict]:
+    """The rows of a metrics file whose last line may be cut short by a kill during a write;
+    a malformed line before the last is an error naming the line."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not a JSON row ({error.msg})") from None
+    return rows
+
+
 class MetricsWriter:
     """One writer for all metrics: `metrics.jsonl` (one object per logged step) and
     TensorBoard event files. On resume, rows after the restored step are dropped so the
@@ -50,7 +65,7 @@ class MetricsWriter:
         if not enabled:
             return
         if self.path.exists():
-            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            kept = [r for r in _complete_rows(self.path) if r["step"] <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         from tensorboardX import SummaryWriter
 

@@ -206,3 +206,17 @@ def test_config_errors_name_the_key(tmp_path, key, value, message):
     (cfg[section] if section else cfg)[name] = value
     with pytest.raises(ValueError, match=message):
         align_config.validate(cfg, n_devices=8, n_processes=1)
+
+
+def test_rerunning_a_finished_run_says_so_and_writes_no_rows(pretrained, caplog):
+    import logging
+
+    import ml_collections
+
+    rows = read_metrics(pretrained / "metrics.jsonl")
+    cfg = ml_collections.ConfigDict(json.loads((pretrained / "config.json").read_text()))
+    with caplog.at_level(logging.INFO, logger="train"):
+        final = pretrain.run(cfg, pretrained)
+    assert "is already finished (step 4 of 4)" in caplog.text
+    assert read_metrics(pretrained / "metrics.jsonl") == rows
+    assert final["eval_loss"] == rows[-1]["eval_loss"]

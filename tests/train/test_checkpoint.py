@@ -52,3 +52,20 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
 
 def test_no_checkpoint_gives_none(tmp_path):
     assert Checkpointer(tmp_path, keep=3).restore_latest({"w": jnp.zeros(3)}, _iterator()) is None
+
+
+def test_a_corrupt_checkpoint_passed_over_is_replaced_when_its_step_comes_again(tmp_path):
+    _save_three(tmp_path)
+    for path in (tmp_path / "3" / "state").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+    checkpointer = Checkpointer(tmp_path, keep=3)
+    it = _iterator()
+    _, step = checkpointer.restore_latest({"w": jnp.zeros((3,)), "step": jnp.asarray(0)}, it)
+    assert step == 2
+    checkpointer.save(3, {"w": jnp.full((3,), 30.0), "step": jnp.asarray(3)}, it, {"note": "again"})
+    checkpointer.wait()
+    checkpointer.close()
+    state, step = Checkpointer(tmp_path, keep=3).restore_latest({"w": jnp.zeros((3,)), "step": jnp.asarray(0)}, _iterator())
+    assert step == 3
+    np.testing.assert_array_equal(state["w"], [30.0, 30.0, 30.0])
