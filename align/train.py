@@ -30,6 +30,7 @@ from align.tasks import arithmetic
 from model import flops_per_token, param_counts, sharding
 from model.generate import generate
 from train import loop
+from train import workdir as workdir_lib
 from train.loop import global_batch
 from train.optimizer import make_optimizer
 from train.state import abstract_state, init_state, state_shardings
@@ -115,7 +116,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.Res
     kind, seq_len = DATA_KIND[cfg.method], cfg.train.seq_len
     train_examples, train_report = align_data.load(kind, cfg.data, tokenizer, split="train", seq_len=seq_len)
     eval_examples, eval_report = align_data.load(kind, cfg.data, tokenizer, split="eval", seq_len=seq_len)
-    workdir = loop.prepare_workdir(cfg, workdir)
+    workdir = workdir_lib.prepare(cfg, workdir)
     if is_primary:
         tokenizer.save(workdir / source.TOKENIZER_FILE)
         report = {"train": train_report, "eval": eval_report}

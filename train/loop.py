@@ -26,6 +26,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from train import workdir as workdir_lib
 from train.checkpoint import Checkpointer
 from train.metrics import MetricsWriter, Progress, peak_flops_per_device
 from train.optimizer import learning_rate_schedule
@@ -67,15 +68,6 @@ def global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     """Assemble each process's slice of the batch into one array sharded over the mesh."""
     sharding_ = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding_, v) for k, v in local.items()}
-
-
-def prepare_workdir(cfg: ml_collections.ConfigDict, workdir) -> pathlib.Path:
-    """Create the workdir and (on process 0) write the run's config into it."""
-    workdir = pathlib.Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(cfg.to_json(indent=2))
-    return workdir
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, mesh, job: Job) -> Result:
@@ -178,6 +170,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, mesh, job: Job) -
     checkpointer.wait()
     checkpointer.close()
     writer.close()
+    workdir_lib.release(workdir)
     return Result(state, last_eval, finished)
 
 

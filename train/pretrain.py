@@ -25,6 +25,7 @@ from model import flops_per_token, param_counts, sharding
 from model.generate import generate
 from train import config as config_lib
 from train import loop
+from train import workdir as workdir_lib
 from train.loop import NonFiniteError, global_batch
 from train.metrics import plot_loss_curve
 from train.optimizer import make_optimizer
@@ -69,7 +70,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str
             f"config.model.vocab_size={model_config.vocab_size} does not match the tokenizer's "
             f"vocabulary of {corpus.tokenizer.vocab_size} (config.data)"
         )
-    workdir = loop.prepare_workdir(cfg, workdir)
+    workdir = workdir_lib.prepare(cfg, workdir)
     if is_primary:
         (workdir / "data_report.json").write_text(json.dumps(corpus.report, indent=2, default=str))
         corpus.tokenizer.save(workdir / "tokenizer.model")  # what runs starting from this one read

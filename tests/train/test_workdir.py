@@ -1,0 +1,57 @@
+"""The workdir: one run at a time, and a resumed run's config checked before anything is written."""
+
+import json
+import logging
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from train import config as config_lib
+from train import workdir
+
+
+def _config(**train):
+    cfg = config_lib.base_config()
+    cfg.train.update(train)
+    return cfg
+
+
+def test_a_changed_model_stops_the_run_listing_the_keys_and_writes_nothing(tmp_path):
+    workdir.prepare(_config(), tmp_path)
+    workdir.release(tmp_path)
+    before = (tmp_path / "config.json").read_text()
+    changed = _config(seed=7)
+    changed.model.d_model = 48
+    with pytest.raises(ValueError, match=r"(?s)these keys differ:\n  model.d_model: 256 -> 48\n  train.seed: 0 -> 7\n.*another --workdir"):
+        workdir.prepare(changed, tmp_path)
+    assert (tmp_path / "config.json").read_text() == before
+    assert not (tmp_path / workdir.LOCK_FILE).exists()
+
+
+def test_more_steps_and_other_intervals_are_allowed_and_logged(tmp_path, caplog):
+    workdir.prepare(_config(steps=100), tmp_path)
+    workdir.release(tmp_path)
+    longer = _config(steps=300, log_every=5)
+    with caplog.at_level(logging.WARNING, logger="train"):
+        workdir.prepare(longer, tmp_path)
+    workdir.release(tmp_path)
+    assert "train.steps changed: 100 -> 300 (the learning-rate schedule now spans the new length)" in caplog.text
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 300
+
+
+def test_a_second_run_is_refused_while_the_first_holds_the_lock(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / workdir.LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid}))
+        with pytest.raises(RuntimeError, match=rf"is in use by process {holder.pid} on {socket.gethostname()}"):
+            workdir.prepare(_config(), tmp_path)
+        assert not (tmp_path / "config.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    workdir.prepare(_config(), tmp_path)  # the holder is gone: its lock is stale and taken over
+    assert json.loads((tmp_path / workdir.LOCK_FILE).read_text())["pid"] != holder.pid
+    workdir.release(tmp_path)
+    assert not (tmp_path / workdir.LOCK_FILE).exists()

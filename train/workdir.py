@@ -1,0 +1,120 @@
+"""A run's workdir: a lock that keeps a second run out, and the config check before resuming.
+
+Before anything is written, a run takes `WORKDIR/run.lock` (host and pid of the holder); a
+lock whose process is gone (same host, pid not alive) is stale and taken over. A workdir
+that already holds a run's `config.json` is resumed only with a config that differs in
+settings a resumed run can take (`RESUMABLE`: more steps, logging, evaluation, checkpoint
+intervals, sampling); any other difference (the model, data, batch, optimizer, seed) stops the
+run with the list of differing keys, and the workdir is left as it was.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import pathlib
+import socket
+
+import jax
+import ml_collections
+
+log = logging.getLogger("train")
+
+LOCK_FILE = "run.lock"
+# Dotted key prefixes a resumed run may change; everything else shapes the state or the
+# trajectory.
+RESUMABLE = (
+    "train.steps", "train.log_every", "train.nonfinite", "eval.", "checkpoint.", "sample.", "mesh.",
+)
+
+
+def prepare(cfg: ml_collections.ConfigDict, workdir) -> pathlib.Path:
+    """Create the workdir, lock it, check a resumed run's config and (on process 0) write the
+    run's config. Returns the absolute workdir."""
+    workdir = pathlib.Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() != 0:
+        return workdir
+    _lock(workdir)
+    new = json.loads(cfg.to_json())
+    config_file = workdir / "config.json"
+    if config_file.exists():
+        changes = differences(json.loads(config_file.read_text()), new)
+        refused = [c for c in changes if not c[0].startswith(RESUMABLE)]
+        if refused:
+            release(workdir)
+            listed = "\n".join(f"  {key}: {old!r} -> {value!r}" for key, old, value in refused)
+            raise ValueError(
+                f"{workdir} holds a run with another config; these keys differ:\n{listed}\n"
+                "Start a new run in another --workdir, or, to continue this one with the new "
+                f"settings deliberately, delete {config_file}."
+            )
+        for key, old, value in changes:
+            note = " (the learning-rate schedule now spans the new length)" if key == "train.steps" else ""
+            log.warning("resuming with %s changed: %r -> %r%s", key, old, value, note)
+    config_file.write_text(json.dumps(new, indent=2))
+    return workdir
+
+
+def differences(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(dotted key, old value, new value) of every leaf that differs, missing ones as None."""
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    keys = sorted(set(flat_old) | set(flat_new))
+    return [(k, flat_old.get(k), flat_new.get(k)) for k in keys if flat_old.get(k) != flat_new.get(k)]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _lock(workdir: pathlib.Path) -> None:
+    path = workdir / LOCK_FILE
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = json.loads(path.read_text() or "{}")
+            if holder == me:
+                return
+            if holder.get("host") == me["host"] and not _alive(holder.get("pid", -1)):
+                log.warning("taking over the stale lock of process %s (no longer running)", holder.get("pid"))
+                path.unlink(missing_ok=True)
+                continue
+            raise RuntimeError(
+                f"{workdir} is in use by process {holder.get('pid')} on {holder.get('host')} "
+                f"({path}); if no run is active there, delete that file"
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        atexit.register(release, workdir)
+        return
+
+
+def release(workdir: pathlib.Path) -> None:
+    """Give up this process's lock on the workdir (a no-op if another process holds it)."""
+    path = pathlib.Path(workdir) / LOCK_FILE
+    try:
+        holder = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return
+    if holder == {"host": socket.gethostname(), "pid": os.getpid()}:
+        path.unlink(missing_ok=True)
