@@ -16,6 +16,7 @@ from train import config as train_config
 
 def base_config() -> ml_collections.ConfigDict:
     c = train_config.base_config()
+    del c.sample  # post-training evaluates with `task` instead
     c.method = "sft"  # one of align.trees.METHODS
     c.init = ml_collections.ConfigDict(
         dict(

@@ -91,6 +91,17 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int, n_processes: int) -
         f"exceeds the model's maximum sequence length model.max_seq_len={cfg.model.max_seq_len}",
     )
     require(t.microbatches > 0, "train.microbatches", "must be positive")
+    require(t.log_every > 0, "train.log_every", "must be positive")
+    require(cfg.eval.every_steps > 0, "eval.every_steps", "must be positive")
+    require(
+        cfg.optimizer.warmup_steps <= t.steps, "optimizer.warmup_steps",
+        f"exceeds the run's train.steps={t.steps}; the learning rate would never reach its peak",
+    )
+    if "sample" in cfg:  # pretraining's end-of-run samples
+        require(
+            0 < cfg.sample.max_new_tokens < cfg.model.max_seq_len, "sample.max_new_tokens",
+            f"must be positive and leave room for the prompt in model.max_seq_len={cfg.model.max_seq_len}",
+        )
     require(t.nonfinite in ("stop", "skip"), "train.nonfinite", "expected 'stop' or 'skip'")
     require(cfg.optimizer.schedule in SCHEDULES, "optimizer.schedule", f"expected one of {SCHEDULES}")
     require(cfg.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be positive")

@@ -136,41 +136,43 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, mesh, job: Job) -
         return result
 
     last_eval = {}
-    with jax.set_mesh(mesh):
-        pending = None  # read a step's metrics only after the next step is dispatched
-        for step in range(start_step + 1, steps + 1):
-            state, metrics = job.train_step(state, global_batch(next(job.batches), mesh))
+    try:
+        with jax.set_mesh(mesh):
+            pending = None  # read a step's metrics only after the next step is dispatched
+            for step in range(start_step + 1, steps + 1):
+                state, metrics = job.train_step(state, global_batch(next(job.batches), mesh))
+                if pending is not None:
+                    report(*pending)
+                pending = (step, metrics)
+                if job.evaluate and step % cfg.eval.every_steps == 0 and step != steps:
+                    report(*pending)
+                    pending = None
+                    last_eval = evaluate(step)
+                    timer.update(step=step, time=time.perf_counter())
+                if step != steps and (step % cfg.checkpoint.every_steps == 0 or preempted.is_set()):
+                    checkpointer.save(step, state, job.batches, config_json)
+                if preempted.is_set():
+                    log.warning("SIGTERM: saved the checkpoint at step %d and stopping", step)
+                    break
             if pending is not None:
                 report(*pending)
-            pending = (step, metrics)
-            if job.evaluate and step % cfg.eval.every_steps == 0 and step != steps:
-                report(*pending)
-                pending = None
-                last_eval = evaluate(step)
-                timer.update(step=step, time=time.perf_counter())
-            if step != steps and (step % cfg.checkpoint.every_steps == 0 or preempted.is_set()):
-                checkpointer.save(step, state, job.batches, config_json)
-            if preempted.is_set():
-                log.warning("SIGTERM: saved the checkpoint at step %d and stopping", step)
-                break
-        if pending is not None:
-            report(*pending)
-        if progress:
-            progress.close()
+            if progress:
+                progress.close()
 
-        finished = int(state.step) == steps
-        if finished and start_step < steps:
-            if job.evaluate:
-                last_eval = evaluate(steps)
-            if job.finish:
-                state = job.finish(state)
-            checkpointer.save(steps, state, job.batches, config_json)
-        elif finished and job.evaluate:
-            last_eval = job.evaluate(state)
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
-    workdir_lib.release(workdir)
+            finished = int(state.step) == steps
+            if finished and start_step < steps:
+                if job.evaluate:
+                    last_eval = evaluate(steps)
+                if job.finish:
+                    state = job.finish(state)
+                checkpointer.save(steps, state, job.batches, config_json)
+            elif finished and job.evaluate:
+                last_eval = job.evaluate(state)
+    finally:  # also when a step fails: pending saves finish, nothing is left half-written
+        checkpointer.wait()
+        checkpointer.close()
+        writer.close()
+        workdir_lib.release(workdir)
     return Result(state, last_eval, finished)
 
 

@@ -70,6 +70,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str
             f"config.model.vocab_size={model_config.vocab_size} does not match the tokenizer's "
             f"vocabulary of {corpus.tokenizer.vocab_size} (config.data)"
         )
+    longest_prompt = 1 + max(map(len, corpus.tokenizer.encode(list(cfg.sample.prompts))), default=0)
+    if longest_prompt + cfg.sample.max_new_tokens > model_config.max_seq_len:
+        raise ValueError(
+            f"config.sample.max_new_tokens={cfg.sample.max_new_tokens}: with the longest of "
+            f"config.sample.prompts ({longest_prompt} tokens) it exceeds "
+            f"model.max_seq_len={model_config.max_seq_len}"
+        )
     workdir = workdir_lib.prepare(cfg, workdir)
     if is_primary:
         (workdir / "data_report.json").write_text(json.dumps(corpus.report, indent=2, default=str))

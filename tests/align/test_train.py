@@ -37,6 +37,7 @@ def pretrained(tmp_path_factory):
     corpus = write_tiny_corpus(tmp_path_factory.mktemp("align_corpus"))
     workdir = tmp_path_factory.mktemp("pretrained")
     cfg = tiny_config(corpus, tmp_path_factory.mktemp("cache"), steps=4)
+    cfg.optimizer.warmup_steps = 2
     cfg.sample.max_new_tokens = 2
     pretrain.run(cfg, workdir)
     return workdir

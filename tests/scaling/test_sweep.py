@@ -46,7 +46,9 @@ def _table(root):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A sweep of one budget and two sizes, trained to the end."""
-    corpus = write_tiny_corpus(tmp_path_factory.mktemp("corpus"))
+    # A fixed name: the split hashes keys that include the directory name, so a numbered
+    # directory would make the results depend on the tests that ran before.
+    corpus = write_tiny_corpus(tmp_path_factory.mktemp("sweep_corpus", numbered=False))
     cache, root = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("sweep")
     sweep_file = root / "sweep_config.py"
     config = _write_sweep(sweep_file, corpus, cache, [1e9])
