@@ -30,8 +30,6 @@ Fields attached with `with_field` come stacked as [B, ...] (preference and KTO).
 
 import collections
 import functools
-import json
-import os
 import pathlib
 from collections.abc import Iterator, Sequence
 
@@ -39,9 +37,8 @@ import grain
 import ml_collections
 import numpy as np
 
-from data import packing
-from data.packing import PACKING_BINS
-from data.tokenizer import Tokenizer
+from data import packing, sources
+from data.tokenizer import PAD_ID, Tokenizer
 
 KINDS = ("sft", "preference", "kto")
 # Fields of a tokenized example; any other field was attached by `with_field`.
@@ -115,8 +112,11 @@ def load(
     paths = cfg.train_paths if split == "train" else cfg.eval_paths
     if split == "train" and not paths:
         raise ValueError("train_paths is empty: name JSONL files or Hugging Face datasets")
-    hf_split = cfg.hf_split if split == "train" else cfg.hf_eval_split
-    records = [record for path in paths for record in _records(str(path), hf_split)]
+    split_field = "hf_split" if split == "train" else "hf_eval_split"
+    records = [
+        record for path in paths
+        for record in _records(str(path), cfg[split_field], f"data.{split_field}")
+    ]
     texts = [_parse(kind, where, record) for where, record in records]
     examples, counts = _tokenize(kind, texts, tokenizer, cfg.max_prompt_len, seq_len)
     report = {
@@ -135,48 +135,26 @@ def load(
     return examples, report
 
 
-def _records(location: str, hf_split: str) -> Iterator[tuple[str, dict]]:
+def _records(location: str, hf_split: str, split_key: str) -> Iterator[tuple[str, dict]]:
     """(where, record) of every example; `where` names the file and line, or dataset and row."""
     if pathlib.Path(location).suffix.lower() in _JSONL_SUFFIXES:
         yield from _jsonl_records(pathlib.Path(location))
     else:
-        yield from _hf_records(location, hf_split)
+        yield from _hf_records(location, hf_split, split_key)
 
 
 def _jsonl_records(path: pathlib.Path) -> Iterator[tuple[str, dict]]:
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
-    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
-        if not line.strip():
-            continue
+    for number, record in sources.jsonl_records(path, path.read_text(encoding="utf-8")):
         where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            message = f"invalid JSON ({error.msg} at column {error.colno})"
-            raise ValueError(f"{where}: {message}") from None
         if not isinstance(record, dict):
             raise ValueError(f"{where}: a JSON object is expected, not {type(record).__name__}")
         yield where, record
 
 
-def _hf_records(location: str, split: str) -> Iterator[tuple[str, dict]]:
-    try:
-        import datasets  # an optional dependency (the project's test extra)
-    except ImportError:
-        raise ValueError(f"{location}: reading a Hugging Face dataset needs `datasets`") from None
-    if os.path.isdir(location):
-        dataset = datasets.load_from_disk(location)
-    else:
-        dataset = datasets.load_dataset(location, split=split)
-    if isinstance(dataset, datasets.DatasetDict):
-        if split not in dataset:
-            found = ", ".join(dataset)
-            raise ValueError(
-                f"{location}: no split {split!r} (found: {found}); set hf_split or hf_eval_split"
-            )
-        dataset = dataset[split]
-    for row, record in enumerate(dataset):
+def _hf_records(location: str, split: str, split_key: str) -> Iterator[tuple[str, dict]]:
+    for row, record in enumerate(sources.load_hf_dataset(location, split, split_key)):
         yield f"{location}: row {row}", record
 
 
@@ -316,7 +294,7 @@ def sft_iterator(
     _check_request("sft", examples, seq_len, batch_size, shard_index, shard_count, seed)
     shard = _shard("sft", examples, batch_size, shard_index, shard_count)
     dataset = shard.shuffle(seed=seed).repeat().map(_sft_columns).to_iter_dataset(_READ_IN_PLACE)
-    dataset = _pack(dataset, seq_len, seed, shuffle_bins=True)
+    dataset = packing.pack(dataset, "columns", seq_len, PAD_ID, seed, shuffle_bins=True)
     return iter(dataset.batch(batch_size, drop_remainder=True).map(_split_columns))
 
 
@@ -382,7 +360,7 @@ def eval_batches(
     if kind == "sft":
         in_order = grain.MapDataset.source(examples).map(_sft_columns)
         in_order = in_order.to_iter_dataset(_READ_IN_PLACE)
-        units = list(_pack(in_order, seq_len, seed=0, shuffle_bins=False))
+        units = list(packing.pack(in_order, "columns", seq_len, PAD_ID, seed=0, shuffle_bins=False))
         make_batch = lambda rows: _split_columns(_stack(rows))
     else:
         units = examples
@@ -415,17 +393,6 @@ def _sft_columns(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     columns[:, 0], columns[:, 1] = tokens[:-1], tokens[1:]
     columns[example["prompt"].size - 1 :, 2] = 1  # targets from the first response token on
     return {"columns": columns}
-
-
-def _pack(examples: grain.IterDataset, seq_len: int, seed: int, shuffle_bins: bool):
-    return grain.experimental.FirstFitPackIterDataset(
-        examples,
-        length_struct={"columns": seq_len},
-        num_packing_bins=PACKING_BINS,
-        seed=seed,
-        shuffle_bins=shuffle_bins,
-        padding_struct={"columns": 0},  # PAD for the tokens, no loss
-    )
 
 
 def _split_columns(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

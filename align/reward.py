@@ -8,7 +8,6 @@ pairs) give a mean and std that `normalized_rewards` uses; they are stored in th
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 import model

@@ -60,6 +60,22 @@ def _sum_over(batches, step_fn, mesh) -> dict[str, float]:
     return totals
 
 
+def _per_example(fn, params, frozen, examples, kind, cfg, mesh, shardings) -> np.ndarray:
+    """`fn(params, frozen, batch)` [B, ...] for every example, in order, gathered from every
+    process (filler rows of the last batch left out)."""
+    compute = jax.jit(fn, in_shardings=(shardings.params, shardings.frozen, batch_sharding(mesh)))
+    rows = []
+    with jax.set_mesh(mesh):
+        for batch in align_data.eval_batches(
+            examples, kind, seq_len=cfg.train.seq_len, **_shard_args(cfg.eval.batch_size)
+        ):
+            values = compute(params, frozen, global_batch(batch, mesh))
+            values = multihost_utils.process_allgather(values, tiled=True)
+            valid = multihost_utils.process_allgather(batch["valid"], tiled=True)
+            rows.append(np.asarray(values)[np.asarray(valid) > 0])
+    return np.concatenate(rows)
+
+
 def _cached_reference(cfg, workdir, model_config, mesh, shardings, start_trees, examples, split):
     """Reference log-probs [N, 2] of every pair under the starting policy, computed once and
     kept in the workdir, so a resumed run uses the same values."""
@@ -69,19 +85,9 @@ def _cached_reference(cfg, workdir, model_config, mesh, shardings, start_trees, 
         if len(values) == len(examples):
             return values
     params, frozen = start_trees()
-    compute = jax.jit(
-        lambda p, f, b: response_logps(model_config, trees.policy(cfg, p, f), b)[0],
-        in_shardings=(shardings.params, shardings.frozen, batch_sharding(mesh)),
-    )
-    rows = []
-    with jax.set_mesh(mesh):
-        for batch in align_data.eval_batches(
-            examples, DATA_KIND[cfg.method], seq_len=cfg.train.seq_len, **_shard_args(cfg.eval.batch_size)
-        ):
-            logps = multihost_utils.process_allgather(compute(params, frozen, global_batch(batch, mesh)), tiled=True)
-            valid = multihost_utils.process_allgather(batch["valid"], tiled=True)
-            rows.append(np.asarray(logps)[np.asarray(valid) > 0])
-    values = np.concatenate(rows).astype(np.float32)
+    logps = lambda p, f, b: response_logps(model_config, trees.policy(cfg, p, f), b)[0]
+    values = _per_example(logps, params, frozen, examples, DATA_KIND[cfg.method], cfg, mesh, shardings)
+    values = values.astype(np.float32)
     if jax.process_index() == 0:
         np.save(path, values)
     return values
@@ -207,18 +213,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.Res
 
 def _normalize_rewards(cfg, model_config, mesh, shardings, state, examples):
     """Store the mean and std of the rewards of `examples` (chosen and rejected alike)."""
-    compute = jax.jit(
-        lambda p, f, b: reward.rewards(cfg, model_config, p, f, b),
-        in_shardings=(shardings.params, shardings.frozen, batch_sharding(mesh)),
-    )
-    values = []
-    for batch in align_data.eval_batches(
-        examples, "preference", seq_len=cfg.train.seq_len, **_shard_args(cfg.eval.batch_size)
-    ):
-        r = multihost_utils.process_allgather(compute(state.params, state.frozen, global_batch(batch, mesh)), tiled=True)
-        valid = multihost_utils.process_allgather(batch["valid"], tiled=True)
-        values.append(np.asarray(r)[np.asarray(valid) > 0].ravel())
-    values = np.concatenate(values)
+    raw = lambda p, f, b: reward.rewards(cfg, model_config, p, f, b)
+    values = _per_example(
+        raw, state.params, state.frozen, examples, "preference", cfg, mesh, shardings
+    ).ravel()
     mean, std = float(values.mean()), float(max(values.std(), 1e-6))
     log.info("reward normalization over %d responses: mean %.4f, std %.4f", values.size, mean, std)
     normalization = {"mean": jnp.asarray(mean, jnp.float32), "std": jnp.asarray(std, jnp.float32)}

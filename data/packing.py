@@ -96,14 +96,18 @@ def check_request(seq_len, batch_size, shard_index, shard_count, seed=0) -> None
         raise ValueError(f"seed={seed} is not in [0, 2**32)")
 
 
-def _pack(chunks: grain.IterDataset, seq_len: int, pad_id: int, seed: int, shuffle_bins: bool):
+def pack(
+    items: grain.IterDataset, feature: str, seq_len: int, pad_id: int, seed: int, shuffle_bins: bool
+):
+    """First-fit packing of items with one [n, ...] array `feature` into rows of seq_len; adds
+    `<feature>_segment_ids` and `<feature>_positions`."""
     return grain.experimental.FirstFitPackIterDataset(
-        chunks,
-        length_struct={"pairs": seq_len},
+        items,
+        length_struct={feature: seq_len},
         num_packing_bins=PACKING_BINS,
         seed=seed,
         shuffle_bins=shuffle_bins,
-        padding_struct={"pairs": pad_id},
+        padding_struct={feature: pad_id},
     )
 
 
@@ -140,7 +144,7 @@ def train_iterator(
         )
     dataset = chunks.shuffle(seed=seed).repeat(num_epochs).map(read_chunk)
     dataset = dataset.to_iter_dataset(_READ_IN_PLACE)
-    dataset = _pack(dataset, seq_len, corpus.tokenizer.pad_id, seed, shuffle_bins=True)
+    dataset = pack(dataset, "pairs", seq_len, corpus.tokenizer.pad_id, seed, shuffle_bins=True)
     dataset = dataset.batch(batch_size, drop_remainder=True).map(_split_pairs)
     worker_count = corpus.config.worker_count if worker_count is None else worker_count
     if worker_count:
@@ -168,7 +172,7 @@ def eval_batches(
     chunks = chunks.to_iter_dataset(_READ_IN_PLACE)
     pad_id = corpus.tokenizer.pad_id
     rows, total_rows, emitted = [], 0, 0
-    for row in _pack(chunks, seq_len, pad_id, seed=0, shuffle_bins=False):
+    for row in pack(chunks, "pairs", seq_len, pad_id, seed=0, shuffle_bins=False):
         if total_rows % shard_count == shard_index:
             rows.append(row)
             if len(rows) == batch_size:

@@ -194,15 +194,23 @@ def _text_documents(f: SourceFile, text: str, unit: str) -> Iterator[Document]:
             yield Document(f"{f.key}#{number}", block.strip("\n"))
 
 
-def _jsonl_documents(f: SourceFile, text: str, field: str) -> Iterator[Document]:
+def jsonl_records(path: pathlib.Path, text: str) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of every non-blank line of a JSONL file's text; invalid JSON
+    is an error naming the file and line."""
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        where = f"{f.path}:{number}"
         try:
-            record = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
+            raise ValueError(
+                f"{path}:{number}: invalid JSON ({error.msg} at column {error.colno})"
+            ) from None
+
+
+def _jsonl_documents(f: SourceFile, text: str, field: str) -> Iterator[Document]:
+    for number, record in jsonl_records(f.path, text):
+        where = f"{f.path}:{number}"
         if not isinstance(record, dict) or field not in record:
             found = ", ".join(record) if isinstance(record, dict) else type(record).__name__
             raise ValueError(f"{where}: no field {field!r} (found: {found}); set text_field")
@@ -234,21 +242,31 @@ def _hf_location(cfg) -> str:
     return str(cfg.paths[0])
 
 
-def _hf_documents(cfg) -> Iterator[Document]:
+def load_hf_dataset(location: str, split: str, split_key: str = "hf_split"):
+    """One split of a saved dataset directory or hub dataset; `split_key` is the setting the
+    error for a missing split names."""
     try:
         import datasets  # an optional dependency (the project's test extra)
     except ImportError:
-        raise ValueError("source='hf' needs the `datasets` package (pip install datasets)") from None
-    location = _hf_location(cfg)
+        raise ValueError(
+            f"{location}: reading a Hugging Face dataset needs the `datasets` package "
+            "(pip install datasets)"
+        ) from None
     if os.path.isdir(location):
         dataset = datasets.load_from_disk(location)
     else:
-        dataset = datasets.load_dataset(location, split=cfg.hf_split)
+        dataset = datasets.load_dataset(location, split=split)
     if isinstance(dataset, datasets.DatasetDict):
-        if cfg.hf_split not in dataset:
+        if split not in dataset:
             found = ", ".join(dataset)
-            raise ValueError(f"{location}: no split {cfg.hf_split!r} (found: {found}); set hf_split")
-        dataset = dataset[cfg.hf_split]
+            raise ValueError(f"{location}: no split {split!r} (found: {found}); set {split_key}")
+        dataset = dataset[split]
+    return dataset
+
+
+def _hf_documents(cfg) -> Iterator[Document]:
+    location = _hf_location(cfg)
+    dataset = load_hf_dataset(location, cfg.hf_split)
     if cfg.text_field not in dataset.column_names:
         found = ", ".join(dataset.column_names)
         raise ValueError(f"{location}: no column {cfg.text_field!r} (found: {found}); set text_field")

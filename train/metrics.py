@@ -35,13 +35,9 @@ def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
 
 
 def read_metrics(path) -> list[dict]:
-    """The rows of a `metrics.jsonl` file, in order."""
-    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
-
-
-def _complete_rows(path: pathlib.Path) -> list[dict]:
-    """The rows of a metrics file whose last line may be cut short by a kill during a write;
-    a malformed line before the last is an error naming the line."""
+    """The rows of a `metrics.jsonl` file, in order. A last line cut short (a kill during a
+    write) is left out; a malformed line before the last is an error naming the line."""
+    path = pathlib.Path(path)
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     rows = []
     for number, line in enumerate(lines, start=1):
@@ -65,7 +61,7 @@ class MetricsWriter:
         if not enabled:
             return
         if self.path.exists():
-            kept = [r for r in _complete_rows(self.path) if r["step"] <= resume_step]
+            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         from tensorboardX import SummaryWriter
 

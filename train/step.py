@@ -90,7 +90,9 @@ def train_step(state: TrainState, batch, *, loss_fn: LossFn, optimizer, microbat
         return jax.tree.map(jnp.add, carry, (g, sums)), None
 
     first = jax.tree.map(lambda x: x[0], micro_batches)
-    _, sums_shape = jax.eval_shape(grad_fn, state.params, first, keys[0])
+    sums_shape = jax.eval_shape(
+        lambda *args: tuple(loss_fn(*args)), state.params, state.frozen, first, keys[0]
+    )
     zeros = (
         jax.tree.map(jnp.zeros_like, state.params),
         jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), sums_shape),
