@@ -23,6 +23,7 @@ from align.config import method_config as cfg
 from align import dpo, sft, trees
 from model import sharding
 from train.benchmark import synthetic_batch, time_steps
+from train.cli import exit_on_input_error
 from train.optimizer import make_optimizer
 from train.state import create_state, init_state, state_shardings
 from train.step import compile_steps, compile_train_step
@@ -92,4 +93,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(lambda argv: exit_on_input_error(lambda: main(argv)))

@@ -29,7 +29,7 @@ from align.logprobs import response_logps
 from align.tasks import arithmetic
 from model import flops_per_token, param_counts, sharding
 from model.generate import generate
-from train import loop
+from train import cli, loop
 from train import workdir as workdir_lib
 from train.loop import global_batch
 from train.optimizer import make_optimizer
@@ -205,7 +205,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.Res
         finish=normalize if cfg.method == "reward" else None,
     )
     result = loop.run(cfg, workdir, mesh, job)
-    if result.finished and is_primary:
+    if is_primary:
         plots.plot_run(workdir / "metrics.jsonl", workdir / "training.png")
         print(f"{cfg.method} finished: " + ", ".join(f"{k} {v:.4g}" for k, v in result.last_eval.items()))
     return result
@@ -225,4 +225,4 @@ def _normalize_rewards(cfg, model_config, mesh, shardings, state, examples):
 
 
 if __name__ == "__main__":
-    loop.main(run)
+    cli.main(run)

@@ -6,6 +6,18 @@ import os
 from collections.abc import Callable, Iterator
 
 
+def process_running(pid: int) -> bool:
+    """Whether a process of this host with this id runs (a stale lock or staging directory
+    names one that does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
+
+
 def process_count(requested: int) -> int:
     """`requested`, or every core when it is 0."""
     return requested or os.cpu_count() or 1

@@ -6,10 +6,13 @@
     for batch in pipeline.eval_batches(corpus, seq_len=L, batch_size=B): ...
 
 The cache directory is named by a hash of everything the tokens depend on: the source files
-(names, sizes, modification times), the cleaning, dedup, split and tokenizer settings.
+(names, sizes, modification times), the cleaning, dedup, split and tokenizer settings. It lies
+under `data.cache_dir`, by default `$LMX_DATA_CACHE`, else `$XDG_CACHE_HOME/lmx/data` (that is,
+`~/.cache/lmx/data`), whatever directory a command runs from.
 """
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -17,6 +20,10 @@ import json
 import os
 import pathlib
 import shutil
+import signal
+import socket
+import sys
+import threading
 import time
 
 import ml_collections
@@ -78,24 +85,36 @@ def default_config() -> ml_collections.ConfigDict:
     )
     cfg.val_fraction = 0.01  # of documents, chosen by a hash of each document's key
     cfg.seed = 0  # tokenizer sample
-    cfg.cache_dir = ".cache/data"
+    cfg.cache_dir = default_cache_dir()
     cfg.processes = 0  # worker processes for preparation; 0: one per core
     cfg.worker_count = 0  # grain worker processes for the training iterator; 0: in-process
     return cfg
 
 
+def default_cache_dir() -> str:
+    if os.environ.get("LMX_DATA_CACHE"):
+        return os.environ["LMX_DATA_CACHE"]
+    cache_home = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return str(pathlib.Path(cache_home) / "lmx" / "data")
+
+
 def _validate(cfg) -> None:
     if cfg.source not in ("builtin", "files", "hf"):
-        raise ValueError(f"source={cfg.source!r} is not one of 'builtin', 'files', 'hf'")
+        raise ValueError(f"data.source={cfg.source!r} is not one of 'builtin', 'files', 'hf'")
     if not 0 < cfg.val_fraction < 1:
-        raise ValueError(f"val_fraction={cfg.val_fraction} must be in (0, 1)")
+        raise ValueError(f"data.val_fraction={cfg.val_fraction} must be in (0, 1)")
     if cfg.max_bytes < 0:
-        raise ValueError(f"max_bytes={cfg.max_bytes} must be >= 0 (0: no limit)")
+        raise ValueError(f"data.max_bytes={cfg.max_bytes} must be >= 0 (0: no limit)")
     if cfg.tokenizer.model_type not in ("bpe", "unigram"):
         model_type = cfg.tokenizer.model_type
-        raise ValueError(f"tokenizer.model_type={model_type!r}: use 'bpe' or 'unigram'")
+        raise ValueError(f"data.tokenizer.model_type={model_type!r}: use 'bpe' or 'unigram'")
     if not 0 < cfg.dedup.threshold <= 1:
-        raise ValueError(f"dedup.threshold={cfg.dedup.threshold} must be in (0, 1]")
+        raise ValueError(f"data.dedup.threshold={cfg.dedup.threshold} must be in (0, 1]")
+    if cfg.tokenizer.path:
+        try:
+            tokenizer_lib.Tokenizer.load(cfg.tokenizer.path)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"data.tokenizer.path={cfg.tokenizer.path!r}: {error}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +158,7 @@ def prepare(cfg=None, verbose: bool = True) -> Corpus:
     """Builds (or reuses) the token cache for `cfg` and returns the corpus; prints the report."""
     cfg = default_config() if cfg is None else cfg
     _validate(cfg)
-    directory = pathlib.Path(cfg.cache_dir) / cache_key(cfg)
+    directory = pathlib.Path(cfg.cache_dir).expanduser() / cache_key(cfg)
     reused = (directory / "report.json").exists()
     if not reused:
         _build(cfg, directory)
@@ -169,11 +188,13 @@ class _Stopwatch:
 
 def _build(cfg, directory: pathlib.Path) -> None:
     """Writes the cache into a staging directory, renamed into place once complete."""
-    staging = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+    _remove_abandoned_staging(directory)
+    staging = directory.with_name(f"{directory.name}{_staging_suffix(socket.gethostname())}{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        report = _build_into(cfg, staging)
+        with _sigterm_raises():
+            report = _build_into(cfg, staging)
         (staging / "report.json").write_text(json.dumps(report, indent=1))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -185,6 +206,33 @@ def _build(cfg, directory: pathlib.Path) -> None:
         if not (directory / "report.json").exists():
             raise
         # else another process finished the same cache first; its files are the same.
+
+
+def _staging_suffix(host: str) -> str:
+    return f".tmp-{host}-"
+
+
+def _remove_abandoned_staging(directory: pathlib.Path) -> None:
+    """Staging directories of processes of this host that no longer run (killed with -9)."""
+    prefix = directory.name + _staging_suffix(socket.gethostname())
+    for staging in directory.parent.glob(f"{prefix}*"):
+        pid = staging.name.removeprefix(prefix)
+        if pid.isdigit() and not parallel.process_running(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM during preparation exits through Python (status 143), so that the staging
+    directory is removed; its default action would end the process on the spot."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _build_into(cfg, staging: pathlib.Path) -> dict:

@@ -30,7 +30,13 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | pathlib.Path) -> "Tokenizer":
-        return cls(pathlib.Path(path).read_bytes())
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file (a SentencePiece model was expected)")
+        try:
+            return cls(path.read_bytes())
+        except RuntimeError:  # sentencepiece's parse error names neither the file nor the cause
+            raise ValueError(f"{path}: not a SentencePiece model file") from None
 
     def save(self, path: str | pathlib.Path) -> None:
         pathlib.Path(path).write_bytes(self.model_proto)

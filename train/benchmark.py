@@ -9,6 +9,7 @@ the attention term 12 L d T.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -19,6 +20,7 @@ from absl import app, flags
 
 import model
 from model import sharding
+from train.cli import exit_on_input_error
 from train.metrics import peak_flops_per_device
 from train.optimizer import make_optimizer
 from train.state import create_state
@@ -34,6 +36,46 @@ _MICRO = flags.DEFINE_integer("microbatches", 1, "Gradient-accumulation micro-ba
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after two warm-up steps).")
 _DOCS = flags.DEFINE_integer("documents_per_row", 1, "Packed documents per row (segment ids).")
 _MESH = flags.DEFINE_list("mesh", ["-1", "1", "1"], "data,fsdp,tensor sizes (-1: the rest).")
+
+for _flag in (_BATCH, _SEQ, _MICRO, _STEPS, _DOCS):
+    flags.register_validator(_flag.name, lambda value: value >= 1, message="must be at least 1")
+flags.register_multi_flags_validator(
+    ["batch_size", "microbatches"],
+    lambda f: f["batch_size"] % f["microbatches"] == 0,
+    message="--batch_size must be a multiple of --microbatches",
+)
+flags.register_multi_flags_validator(
+    ["seq_len", "documents_per_row"],
+    lambda f: f["documents_per_row"] <= f["seq_len"],
+    message="--documents_per_row must be at most --seq_len",
+)
+
+
+def device_memory_bytes() -> int | None:
+    """Memory of one device: the accelerator's, or the host's RAM for the CPU backend."""
+    device = jax.devices()[0]
+    limit = (device.memory_stats() or {}).get("bytes_limit")
+    if limit is None and device.platform == "cpu":
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return limit
+
+
+def check_fits(compiled) -> None:
+    """Refuse a compiled step whose buffers exceed the device's memory, before running it."""
+    analysis = compiled.memory_analysis()
+    limit = device_memory_bytes()
+    if analysis is None or limit is None:
+        return
+    needed = (
+        analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+        - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes
+    )
+    if needed > limit:
+        raise ValueError(
+            f"the compiled step needs {needed / 2**30:,.1f} GiB per device and the device has "
+            f"{limit / 2**30:,.1f} GiB; lower --batch_size or --seq_len, or use --remat or "
+            "--microbatches"
+        )
 
 
 def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, documents_per_row: int):
@@ -57,6 +99,7 @@ def time_steps(step, state, batch, steps: int):
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
+    check_fits(compiled)
     for _ in range(2):
         state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
@@ -76,6 +119,12 @@ def main(argv):
         max_seq_len=max(_SEQ.value, model.get_config(_PRESET.value).max_seq_len),
     )
     mesh = sharding.make_mesh([int(s) for s in _MESH.value], model_config=config)
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (_BATCH.value // _MICRO.value) % data_parallel:
+        raise ValueError(
+            f"--batch_size={_BATCH.value} in {_MICRO.value} micro-batch(es) does not split over "
+            f"the {data_parallel} data-parallel devices of mesh {dict(mesh.shape)}"
+        )
     opt_cfg = ml_collections.ConfigDict(dict(
         lr=3e-4, min_lr_ratio=0.1, warmup_steps=10, schedule="cosine", decay_fraction=0.2,
         b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
@@ -109,4 +158,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(lambda argv: exit_on_input_error(lambda: main(argv)))

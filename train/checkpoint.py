@@ -3,11 +3,46 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import grain
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
+
+
+def _is_abandoned_read(unraisable) -> bool:
+    return isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == (
+        "Event loop is closed"
+    )
+
+
+def _silence_abandoned_reads() -> None:
+    """When one array of a checkpoint fails to read, orbax gives up and closes its event loop
+    while tensorstore goes on reading the others; each of those reads then prints an 'Event
+    loop is closed' traceback and asyncio logs its unretrieved error, dozens per checkpoint.
+    The warning of `restore_latest` already says what failed."""
+    previous_hook = sys.unraisablehook
+    if getattr(previous_hook, "silences_abandoned_reads", False):
+        return
+
+    def hook(unraisable):
+        if not _is_abandoned_read(unraisable):
+            previous_hook(unraisable)
+
+    hook.silences_abandoned_reads = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(
+        lambda record: "exception was never retrieved" not in record.getMessage()
+    )
+
+
+def _reason(error: Exception) -> str:
+    """The first line of a restore error, without tensorstore's spec dump."""
+    message = str(error).splitlines()[0] if str(error) else ""
+    for noise in (" [tensorstore_spec", " See full TensorStore details"):
+        message = message.split(noise)[0]
+    return f"{type(error).__name__}: {message}"
 
 
 class Checkpointer:
@@ -36,6 +71,7 @@ class Checkpointer:
         """(state, step) of the newest checkpoint that restores, or None if there is none.
         `data_iterator` is restored in place. Unreadable checkpoints newer than the one
         restored are deleted, so that the run can save those steps again."""
+        _silence_abandoned_reads()
         unreadable = []
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
@@ -48,8 +84,8 @@ class Checkpointer:
                 )
             except Exception as error:  # noqa: BLE001 - any unreadable checkpoint is skipped
                 log.warning(
-                    "checkpoint %s/%d cannot be restored (%s: %s); trying the previous one",
-                    self.directory, step, type(error).__name__, error,
+                    "checkpoint %s/%d cannot be restored (%s); trying the previous one",
+                    self.directory, step, _reason(error),
                 )
                 unreadable.append(step)
                 continue

@@ -23,8 +23,6 @@ import grain
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
 
 from train import workdir as workdir_lib
 from train.checkpoint import Checkpointer
@@ -61,7 +59,6 @@ class Job:
 class Result:
     state: TrainState
     last_eval: dict
-    finished: bool  # reached train.steps (not stopped by SIGTERM)
 
 
 def global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
@@ -71,7 +68,11 @@ def global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, mesh, job: Job) -> Result:
-    """Train for cfg.train.steps updates, resuming from the newest readable checkpoint."""
+    """Train for cfg.train.steps updates, resuming from the newest readable checkpoint.
+
+    On SIGTERM the run saves a checkpoint at the step it reached and exits with status 143
+    (SystemExit), so that nothing after it (sampling, a driver's next stage) starts while the
+    job is being stopped."""
     is_primary = jax.process_index() == 0
     steps = cfg.train.steps
     checkpointer = Checkpointer(
@@ -89,7 +90,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, mesh, job: Job) -
         log.info("the run in %s is already finished (step %d of %d)", workdir, start_step, steps)
 
     preempted = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: preempted.set())
+    default_sigterm = signal.signal(signal.SIGTERM, lambda *_: preempted.set())
     writer = MetricsWriter(workdir, start_step, enabled=is_primary)
     progress = Progress(steps) if is_primary else None
     config_json = json.loads(cfg.to_json())
@@ -152,7 +153,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, mesh, job: Job) -
                 if step != steps and (step % cfg.checkpoint.every_steps == 0 or preempted.is_set()):
                     checkpointer.save(step, state, job.batches, config_json)
                 if preempted.is_set():
-                    log.warning("SIGTERM: saved the checkpoint at step %d and stopping", step)
                     break
             if pending is not None:
                 report(*pending)
@@ -173,21 +173,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, mesh, job: Job) -
         checkpointer.close()
         writer.close()
         workdir_lib.release(workdir)
-    return Result(state, last_eval, finished)
-
-
-def main(run: Callable[[ml_collections.ConfigDict, str], object]) -> None:
-    """The command line of every training entry point: `--config=FILE[:variant]` with
-    `--config.x.y=v` overrides, and `--workdir`. Flags are defined here, when a program runs,
-    not at import, so that drivers can import `run` beside flags of their own."""
-    config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
-    flags.mark_flags_as_required(["config", "workdir"])
-
-    def start(argv):
-        del argv
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-        logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
-        run(flags.FLAGS.config, flags.FLAGS.workdir)
-
-    app.run(start)
+        signal.signal(signal.SIGTERM, default_sigterm)
+    if not finished:
+        log.warning("SIGTERM: saved the checkpoint at step %d; the same command resumes", step)
+        raise SystemExit(128 + signal.SIGTERM)
+    return Result(state, last_eval)

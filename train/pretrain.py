@@ -24,7 +24,7 @@ from data import pipeline
 from model import flops_per_token, param_counts, sharding
 from model.generate import generate
 from train import config as config_lib
-from train import loop
+from train import cli, loop
 from train import workdir as workdir_lib
 from train.loop import NonFiniteError, global_batch
 from train.metrics import plot_loss_curve
@@ -107,7 +107,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str
         evaluate=lambda state: evaluate(eval_step, state.params, corpus, cfg, mesh),
     )
     result = loop.run(cfg, workdir, mesh, job)
-    if result.finished and is_primary:
+    if is_primary:
         plot_loss_curve(workdir / "metrics.jsonl", workdir / "loss_curve.png")
         write_samples(cfg, model_config, result.state.params, corpus, workdir)
         final = result.last_eval
@@ -140,4 +140,4 @@ def write_samples(cfg, model_config, params, corpus, workdir: pathlib.Path) -> N
 
 
 if __name__ == "__main__":
-    loop.main(run)
+    cli.main(run)

@@ -4,7 +4,7 @@ Before anything is written, a run takes `WORKDIR/run.lock` (host and pid of the 
 lock whose process is gone (same host, pid not alive) is stale and taken over. A workdir
 that already holds a run's `config.json` is resumed only with a config that differs in
 settings a resumed run can take (`RESUMABLE`: more steps, logging, evaluation, checkpoint
-intervals, sampling); any other difference (the model, data, batch, optimizer, seed) stops the
+intervals, sampling, the mesh, where the token cache lies); any other difference (the model, data, batch, optimizer, seed) stops the
 run with the list of differing keys, and the workdir is left as it was.
 """
 
@@ -20,6 +20,8 @@ import socket
 import jax
 import ml_collections
 
+from data import parallel
+
 log = logging.getLogger("train")
 
 LOCK_FILE = "run.lock"
@@ -27,6 +29,7 @@ LOCK_FILE = "run.lock"
 # trajectory.
 RESUMABLE = (
     "train.steps", "train.log_every", "train.nonfinite", "eval.", "checkpoint.", "sample.", "mesh.",
+    "data.cache_dir", "data.processes",
 )
 
 
@@ -75,16 +78,6 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _lock(workdir: pathlib.Path) -> None:
     path = workdir / LOCK_FILE
     me = {"host": socket.gethostname(), "pid": os.getpid()}
@@ -95,7 +88,7 @@ def _lock(workdir: pathlib.Path) -> None:
             holder = json.loads(path.read_text() or "{}")
             if holder == me:
                 return
-            if holder.get("host") == me["host"] and not _alive(holder.get("pid", -1)):
+            if holder.get("host") == me["host"] and not parallel.process_running(holder.get("pid", -1)):
                 log.warning("taking over the stale lock of process %s (no longer running)", holder.get("pid"))
                 path.unlink(missing_ok=True)
                 continue

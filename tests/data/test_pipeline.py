@@ -1,4 +1,9 @@
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -132,3 +137,48 @@ def test_invalid_settings_are_named(tmp_path):
 def test_token_dtype_fits_the_vocabulary():
     assert token_cache.token_dtype(65_536) == np.uint16
     assert token_cache.token_dtype(65_537) == np.uint32
+
+
+def test_invalid_tokenizer_path_is_refused_before_reading(text_corpus, tmp_path):
+    not_a_model = tmp_path / "tokenizer.model"
+    not_a_model.write_text("not a SentencePiece model")
+    for path, reason in ((not_a_model, "not a SentencePiece model file"), (tmp_path / "none.model", "no such file")):
+        cfg = corpora.small_config(text_corpus[0], tmp_path / "cache", tokenizer={"path": str(path)})
+        with pytest.raises(ValueError, match=rf"^data.tokenizer.path='{path}': {path}: {reason}"):
+            pipeline.prepare(cfg, verbose=False)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_sigterm_during_preparation_removes_the_staging_directory(text_corpus, tmp_path, monkeypatch):
+    def terminated(cfg, staging):
+        assert staging.is_dir()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+
+    monkeypatch.setattr(pipeline, "_build_into", terminated)
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        pipeline.prepare(corpora.small_config(text_corpus[0], tmp_path / "cache"), verbose=False)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert list((tmp_path / "cache").iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_staging_of_a_killed_preparation_is_removed(text_corpus, tmp_path):
+    cfg = corpora.small_config(text_corpus[0], tmp_path / "cache")
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    abandoned = tmp_path / "cache" / f"{pipeline.cache_key(cfg)}.tmp-{socket.gethostname()}-{ended.pid}"
+    (abandoned / "train").mkdir(parents=True)
+    other_host = tmp_path / "cache" / f"{pipeline.cache_key(cfg)}.tmp-elsewhere-{ended.pid}"
+    other_host.mkdir()
+    corpus = pipeline.prepare(cfg, verbose=False)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([corpus.directory.name, other_host.name])
+
+
+def test_cache_location_comes_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("LMX_DATA_CACHE", str(tmp_path / "tokens"))
+    assert pipeline.default_config().cache_dir == str(tmp_path / "tokens")
+    monkeypatch.delenv("LMX_DATA_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert pipeline.default_config().cache_dir == str(tmp_path / "xdg" / "lmx" / "data")

@@ -1,6 +1,9 @@
 """Checkpoints restore state and data-iterator position; corrupt ones are skipped."""
 
 import logging
+import pathlib
+import subprocess
+import sys
 
 import grain
 import jax.numpy as jnp
@@ -69,3 +72,41 @@ def test_a_corrupt_checkpoint_passed_over_is_replaced_when_its_step_comes_again(
     state, step = Checkpointer(tmp_path, keep=3).restore_latest({"w": jnp.zeros((3,)), "step": jnp.asarray(0)}, _iterator())
     assert step == 3
     np.testing.assert_array_equal(state["w"], [30.0, 30.0, 30.0])
+
+
+_RESTORE_PAST_A_TRUNCATED_MANIFEST = """
+import logging, pathlib, sys
+import grain, jax.numpy as jnp
+from train.checkpoint import Checkpointer
+
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", force=True)
+directory = pathlib.Path(sys.argv[1])
+tree = {f"w{i}": jnp.full((64, 64), float(i)) for i in range(80)}
+checkpointer = Checkpointer(directory, keep=3)
+for step in (1, 2):
+    checkpointer.save(step, tree, iter(grain.MapDataset.range(9).to_iter_dataset()), {})
+checkpointer.wait()
+checkpointer.close()
+manifest = directory / "2" / "state" / "manifest.ocdbt"
+manifest.write_bytes(manifest.read_bytes()[:40])
+_, step = Checkpointer(directory, keep=3).restore_latest(
+    tree, iter(grain.MapDataset.range(9).to_iter_dataset())
+)
+print("restored", step)
+"""
+
+
+def test_a_truncated_checkpoint_gives_one_warning_line(tmp_path):
+    # Orbax abandons the other reads of a checkpoint whose manifest is cut short; each used
+    # to print an "Event loop is closed" traceback, and the warning carried tensorstore's spec.
+    completed = subprocess.run(
+        [sys.executable, "-c", _RESTORE_PAST_A_TRUNCATED_MANIFEST, str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=pathlib.Path(__file__).parents[2],
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout == "restored 1\n"
+    lines = completed.stderr.splitlines()
+    warning = f"WARNING checkpoint {tmp_path}/2 cannot be restored (ValueError: DATA_LOSS"
+    assert lines[0].startswith(warning), lines[0]
+    assert "manifest.ocdbt" in lines[0] and "tensorstore_spec" not in lines[0]
+    assert len(lines) == 1, completed.stderr

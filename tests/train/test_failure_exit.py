@@ -1,11 +1,14 @@
-"""A run stopped by an error ends with that error: pending checkpoint saves finish first, no
-temporary checkpoint directory is left, and no second traceback follows."""
+"""A run stopped by an error ends with that error, in one line: pending checkpoint saves
+finish first, no temporary checkpoint directory is left, no traceback is printed. Inputs the
+command line cannot apply (an unknown key, a missing config file) stop it before any work."""
 
 import os
 import pathlib
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -30,7 +33,41 @@ def test_nonfinite_stop_ends_with_its_message_and_leaves_no_partial_checkpoint(t
     )
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert "non-finite loss or gradients at step" in lines[-1], result.stderr[-3000:]
-    assert result.stderr.count("Traceback") == 1
+    assert lines[-1].startswith("error: non-finite loss or gradients at step"), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
     assert not list((tmp_path / "run" / "checkpoints").glob("*orbax-checkpoint-tmp*"))
     assert not (tmp_path / "run" / "run.lock").exists()
+
+
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [
+        (
+            ["--config=experiments/quickstart.py", "--config.train.stpes=10"],
+            'error: --config.train.stpes=10: no config key \'stpes\'. Did you mean "steps" instead of "stpes"?',
+        ),
+        (
+            ["--config=experiments/quickstart.py", "--config.tokenizer.path=x.model"],
+            "error: --config.tokenizer.path=x.model: no config key 'tokenizer'.",
+        ),
+        (
+            ["--config=experiments/no_such_file.py"],
+            "error: --config=experiments/no_such_file.py: [Errno 2] No such file or directory: "
+            "'experiments/no_such_file.py'",
+        ),
+        (
+            ["--config=experiments/quickstart.py", "--config.data.tokenizer.path=README.md"],
+            "error: data.tokenizer.path='README.md': README.md: not a SentencePiece model file",
+        ),
+    ],
+)
+def test_a_refused_input_is_one_line_before_any_work(tmp_path, arguments, expected):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    workdir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "train.pretrain", *arguments, f"--workdir={workdir}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [expected], result.stderr
+    assert not workdir.exists()

@@ -112,7 +112,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(uninterrupted, corpus_dir,
     _wait_for_step(process, tmp_path, 13)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
-    assert process.returncode == 0, output
+    assert process.returncode == 128 + signal.SIGTERM, output
+    assert "SIGTERM: saved the checkpoint at step" in output.strip().splitlines()[-1]
+    assert "final validation loss" not in output
     stopped = max(_losses(tmp_path))
     assert stopped < STEPS
     assert "SIGTERM: saved the checkpoint at step" in output

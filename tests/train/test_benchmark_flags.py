@@ -1,0 +1,33 @@
+"""The benchmark refuses settings it cannot run, with one line naming the flags, before timing."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [
+        (["--batch_size=3", "--microbatches=2"], "--batch_size must be a multiple of --microbatches"),
+        (["--steps=0"], "flag --steps=0: must be at least 1"),
+        (["--seq_len=8", "--documents_per_row=9"], "--documents_per_row must be at most --seq_len"),
+        (
+            ["--batch_size=1", "--seq_len=65536"],
+            "GiB per device and the device has",
+        ),
+    ],
+)
+def test_impossible_benchmark_settings_are_refused(arguments, expected):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    result = subprocess.run(
+        [sys.executable, "-m", "train.benchmark", "--preset=llama-tiny", "--dtype=float32", *arguments],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "step time" not in result.stdout

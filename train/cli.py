@@ -1,0 +1,98 @@
+"""The command line of every training entry point, and how it reports a refused input.
+
+`--config=FILE[:variant]` with `--config.x.y=v` overrides, and `--workdir`. An error this
+project raises about its input (a bad config value, a missing file, a workdir in use, a
+non-finite loss under `train.nonfinite=stop`) ends the program with one line, `error: ...`, and
+exit status 1; an exception raised anywhere else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import sys
+from typing import Callable
+
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+_PROJECT = pathlib.Path(__file__).resolve().parents[1]
+_PACKAGES = tuple(_PROJECT / name for name in ("align", "data", "experiments", "model", "train"))
+_REPORTED = (ValueError, KeyError, OSError, RuntimeError)
+
+
+def raised_by_this_project(error: BaseException) -> bool:
+    """Whether the innermost frame of the error's traceback is in this project's code: a
+    `raise` of ours that names the input, rather than a failure inside a library."""
+    traceback = error.__traceback__
+    if traceback is None:
+        return False
+    while traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    path = pathlib.Path(traceback.tb_frame.f_code.co_filename).resolve()
+    return any(path.is_relative_to(package) for package in _PACKAGES)
+
+
+def message(error: BaseException) -> str:
+    # str(KeyError) is the repr of its argument: quotes and escaped newlines.
+    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return str(text)
+
+
+def exit_on_input_error(function: Callable[[], object]) -> object:
+    """Call `function`; an input error of ours ends the program with its message alone."""
+    try:
+        return function()
+    except _REPORTED as error:
+        if not raised_by_this_project(error):
+            raise
+        sys.exit(f"error: {message(error)}")
+
+
+def _config_error(error: BaseException, argv: list[str]) -> str:
+    """One line for a config file or override that ml_collections could not apply."""
+    for cause in (error, error.__context__):
+        if isinstance(cause, KeyError):
+            quoted_key, *suggestion = message(cause).split("\n", 1)
+            key = quoted_key.strip("'")
+            override = next(
+                (arg for arg in argv if key in arg.split("=", 1)[0].split(".")[1:]), "an override"
+            )
+            return " ".join([f"{override}: no config key {quoted_key}.", *suggestion])
+    if "Failed loading config file" in str(error):
+        config_file = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")), "")
+        return f"--config={config_file}: {str(error).splitlines()[-1].strip()}"
+    return f"{type(error).__name__}: {message(error)}"
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        remaining = flags.FLAGS(argv)
+        if not isinstance(flags.FLAGS.config, ml_collections.ConfigDict):
+            flags.FLAGS.config.to_dict()  # ml_collections' stand-in for a config file that failed to load raises
+        return remaining
+    except flags.Error as error:  # a value of the wrong type, a missing flag, get_config raised
+        text = str(error)
+        if "Error whilst parsing config file" in text:  # absl keeps get_config's traceback as text
+            text = f"{text.split(': Error whilst')[0]}: {text.strip().splitlines()[-1]}"
+        sys.exit(f"error: {text}")
+    except Exception as error:  # noqa: BLE001 - whatever loading the config file raised
+        sys.exit(f"error: {_config_error(error, argv)}")
+
+
+def main(run: Callable[[ml_collections.ConfigDict, str], object]) -> None:
+    """Parse the command line and call `run(config, workdir)`. Flags are defined here, when a
+    program runs, not at import, so that drivers can import `run` beside flags of their own."""
+    config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+    def start(argv):
+        del argv
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        for library in ("absl", "jax"):  # orbax's per-save lines, jax's backend probing
+            logging.getLogger(library).setLevel(logging.WARNING)
+        exit_on_input_error(lambda: run(flags.FLAGS.config, flags.FLAGS.workdir))
+
+    app.run(start, flags_parser=_parse_flags)
