@@ -28,7 +28,8 @@ def reference_logps(cfg, model_config: model.ModelConfig, params, frozen, batch)
         return batch["reference_logps"]
     if cfg.dpo.reference == "none":
         return jnp.zeros(batch["inputs"].shape[:2], jnp.float32)
-    logps, _ = response_logps(model_config, trees.reference(cfg, params, frozen), batch)
+    reference = trees.reference(cfg, params, frozen)
+    logps, _ = response_logps(model_config, reference, batch, cfg.train.loss_chunk)
     return jax.lax.stop_gradient(logps)
 
 
@@ -37,7 +38,8 @@ def loss_fn(cfg, model_config: model.ModelConfig):
 
     def fn(params, frozen, batch, rng):
         del rng
-        logps_B2, counts_B2 = response_logps(model_config, trees.policy(cfg, params, frozen), batch)
+        policy = trees.policy(cfg, params, frozen)
+        logps_B2, counts_B2 = response_logps(model_config, policy, batch, cfg.train.loss_chunk)
         ref_B2 = reference_logps(cfg, model_config, params, frozen, batch)
         if d.loss_type == "ipo":  # IPO's margin is between per-token averages
             policy_in, ref_in = logps_B2 / jnp.maximum(counts_B2, 1.0), ref_B2 / jnp.maximum(counts_B2, 1.0)

@@ -23,8 +23,9 @@ def loss_fn(cfg, model_config: model.ModelConfig):
 
     def fn(params, frozen, batch, rng):
         del rng
-        logps_B2, _ = response_logps(model_config, trees.policy(cfg, params, frozen), batch)
-        ref_B2, _ = response_logps(model_config, trees.reference(cfg, params, frozen), batch)
+        policy, reference = trees.policy(cfg, params, frozen), trees.reference(cfg, params, frozen)
+        logps_B2, _ = response_logps(model_config, policy, batch, cfg.train.loss_chunk)
+        ref_B2, _ = response_logps(model_config, reference, batch, cfg.train.loss_chunk)
         ref_B2 = jax.lax.stop_gradient(ref_B2)
         labels_B = batch["label"].astype(jnp.float32)
         valid_B = batch["valid"].astype(jnp.float32) if "valid" in batch else jnp.ones_like(labels_B)

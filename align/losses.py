@@ -120,9 +120,3 @@ def sequence_logps(token_logps_BT, loss_mask_BT, *, average: bool = False):
     if not average:
         return total_B
     return total_B / jnp.maximum(jnp.sum(mask_BT, axis=-1), 1.0)
-
-
-def token_logps(logits_BTV, targets_BT):
-    """log p(targets) -> float32 [B, T], from a float32 log-softmax whatever the logits' dtype."""
-    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]

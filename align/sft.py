@@ -16,7 +16,8 @@ def loss_fn(cfg, model_config: model.ModelConfig):
 
     def fn(params, frozen, batch, rng):
         del rng
-        _, nll_sum, count = token_losses(model_config, trees.policy(cfg, params, frozen), batch)
+        policy = trees.policy(cfg, params, frozen)
+        _, nll_sum, count = token_losses(model_config, policy, batch, chunk=cfg.train.loss_chunk)
         return LossOutput(nll_sum, count, {"loss": nll_sum})
 
     return fn

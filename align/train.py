@@ -85,7 +85,7 @@ def _cached_reference(cfg, workdir, model_config, mesh, shardings, start_trees, 
         if len(values) == len(examples):
             return values
     params, frozen = start_trees()
-    logps = lambda p, f, b: response_logps(model_config, trees.policy(cfg, p, f), b)[0]
+    logps = lambda p, f, b: response_logps(model_config, trees.policy(cfg, p, f), b, cfg.train.loss_chunk)[0]
     values = _per_example(logps, params, frozen, examples, DATA_KIND[cfg.method], cfg, mesh, shardings)
     values = values.astype(np.float32)
     if jax.process_index() == 0:

@@ -81,6 +81,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"error: {_config_error(error, argv)}")
 
 
+def configure_logging() -> None:
+    """This project's INFO lines with their time; libraries' only from WARNING up."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for library in ("absl", "jax"):  # orbax's per-save lines, jax's backend probing
+        logging.getLogger(library).setLevel(logging.WARNING)
+
+
 def main(run: Callable[[ml_collections.ConfigDict, str], object]) -> None:
     """Parse the command line and call `run(config, workdir)`. Flags are defined here, when a
     program runs, not at import, so that drivers can import `run` beside flags of their own."""
@@ -90,9 +97,7 @@ def main(run: Callable[[ml_collections.ConfigDict, str], object]) -> None:
 
     def start(argv):
         del argv
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-        for library in ("absl", "jax"):  # orbax's per-save lines, jax's backend probing
-            logging.getLogger(library).setLevel(logging.WARNING)
+        configure_logging()
         exit_on_input_error(lambda: run(flags.FLAGS.config, flags.FLAGS.workdir))
 
     app.run(start, flags_parser=_parse_flags)

@@ -38,6 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.microbatches = 1  # gradient accumulation inside the compiled step
     c.train.seed = 0
     c.train.z_loss = 0.0
+    # Positions per piece of the chunked head and loss (model/logprobs.py); 0: all at once,
+    # fastest while the [B, T, V] float32 logits fit beside the activations.
+    c.train.loss_chunk = 0
     c.train.log_every = 10
     c.train.nonfinite = "stop"  # "stop" | "skip" (skip the update and count it)
 
@@ -91,6 +94,7 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int, n_processes: int) -
         f"exceeds the model's maximum sequence length model.max_seq_len={cfg.model.max_seq_len}",
     )
     require(t.microbatches > 0, "train.microbatches", "must be positive")
+    require(t.loss_chunk >= 0, "train.loss_chunk", "must be >= 0 (0: the whole sequence at once)")
     require(t.log_every > 0, "train.log_every", "must be positive")
     require(cfg.eval.every_steps > 0, "eval.every_steps", "must be positive")
     require(

@@ -84,7 +84,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str
 
     optimizer = make_optimizer(cfg.optimizer, cfg.train.steps)
     train_step, eval_step = compile_steps(
-        model_config, optimizer, mesh, microbatches=cfg.train.microbatches, z_loss=cfg.train.z_loss
+        model_config, optimizer, mesh, microbatches=cfg.train.microbatches, z_loss=cfg.train.z_loss,
+        loss_chunk=cfg.train.loss_chunk,
     )
     counts = param_counts(model_config)
     flops = flops_per_token(model_config, cfg.train.seq_len)["total"]

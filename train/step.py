@@ -13,7 +13,8 @@ axis is the batch, sharded over the mesh's data axes whatever their keys and ran
 
 Language modeling: a batch holds int32 [B, T] arrays `inputs`, `targets`, `segment_ids` (0 marks
 padding) and `positions`, and optionally `loss_mask` (which targets count; by default every
-real token). Logits, softmax and loss are float32 whatever the compute dtype.
+real token). Logits, softmax and loss are float32 whatever the compute dtype; with
+`train.loss_chunk` the head and loss run on that many positions at a time.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import model
 from model import sharding
+from model.logprobs import target_logprobs
 from train.state import TrainState, state_shardings
 
 
@@ -40,30 +42,29 @@ class LossOutput(NamedTuple):
 LossFn = Callable[..., LossOutput]
 
 
-def token_losses(config: model.ModelConfig, params, batch, z_loss: float = 0.0):
-    """Sums over the loss mask: (cross-entropy + z-loss, cross-entropy, token count)."""
-    logits_BTV = model.forward(
-        config, params, batch["inputs"],
-        segment_ids=batch["segment_ids"], positions=batch["positions"],
+def token_losses(config: model.ModelConfig, params, batch, z_loss: float = 0.0, chunk: int = 0):
+    """Sums over the loss mask: (cross-entropy + z-loss, cross-entropy, token count). The
+    head runs on `chunk` positions at a time (`model.logprobs`; 0: all at once)."""
+    hidden_BTD = model.hidden_states(
+        config, params, batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"]
     )
+    logp_BT, log_z_BT = target_logprobs(config, params, hidden_BTD, batch["targets"], chunk=chunk)
     mask = batch["loss_mask"] if "loss_mask" in batch else batch["segment_ids"] > 0
     mask_BT = mask.astype(jnp.float32)
-    ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
-    ce_sum = jnp.sum(ce_BT * mask_BT)
+    ce_sum = -jnp.sum(logp_BT * mask_BT)
     total = ce_sum
     if z_loss:
         # PaLM's auxiliary loss keeps log Z (the softmax normalizer) near zero.
-        log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
         total = total + z_loss * jnp.sum(log_z_BT**2 * mask_BT)
     return total, ce_sum, jnp.sum(mask_BT)
 
 
-def language_model_loss(config: model.ModelConfig, z_loss: float = 0.0) -> LossFn:
+def language_model_loss(config: model.ModelConfig, z_loss: float = 0.0, chunk: int = 0) -> LossFn:
     """Next-token cross-entropy per masked token (pretraining and SFT)."""
 
     def loss_fn(params, frozen, batch, rng):
         del frozen, rng
-        total, ce_sum, count = token_losses(config, params, batch, z_loss)
+        total, ce_sum, count = token_losses(config, params, batch, z_loss, chunk)
         return LossOutput(total, count, {"loss": ce_sum})
 
     return loss_fn
@@ -152,11 +153,13 @@ def compile_eval_step(loss_fn: LossFn, mesh: Mesh, shardings: TrainState):
     )
 
 
-def compile_steps(config: model.ModelConfig, optimizer, mesh: Mesh, *, microbatches: int, z_loss: float):
+def compile_steps(
+    config: model.ModelConfig, optimizer, mesh: Mesh, *, microbatches: int, z_loss: float, loss_chunk: int = 0
+):
     """Pretraining's update and evaluation (`(params, frozen, batch) -> {"weight", "loss"}`,
     summed cross-entropy without the z-loss)."""
     shardings = state_shardings(optimizer, mesh, model.abstract_params(config))
     train = compile_train_step(
-        language_model_loss(config, z_loss), optimizer, mesh, shardings, microbatches=microbatches
+        language_model_loss(config, z_loss, loss_chunk), optimizer, mesh, shardings, microbatches=microbatches
     )
-    return train, compile_eval_step(language_model_loss(config), mesh, shardings)
+    return train, compile_eval_step(language_model_loss(config, chunk=loss_chunk), mesh, shardings)

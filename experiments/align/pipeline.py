@@ -30,6 +30,7 @@ from experiments.align import arithmetic as experiment
 from model import sharding
 from model.generate import generate
 from train import pretrain
+from train.cli import configure_logging, exit_on_input_error
 from train.metrics import read_metrics
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/arithmetic", "Directory of every stage's run.")
@@ -159,8 +160,7 @@ def table(summary: dict) -> str:
 
 def main(argv):
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
+    configure_logging()
     root = pathlib.Path(_WORKDIR.value)
     pretrained = pathlib.Path(_PRETRAINED.value or root / "pretrained")
     base = quickstart.get_config()
@@ -181,4 +181,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(lambda argv: exit_on_input_error(lambda: main(argv)))

@@ -1,0 +1,83 @@
+"""The chunked head and loss (`model.logprobs`) equal the whole-sequence ones, in values and
+gradients, and never hold the [B, T, V] float32 logits at once."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import model
+from model import sharding
+from model.logprobs import target_logprobs
+from train.step import token_losses
+from tests.train.test_step import CONFIG, _batch
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("chunk", [4, 5, 16])  # 5 does not divide T = 16; 16 is one piece
+def test_chunked_loss_and_gradients_equal_the_whole_sequence(tied, chunk):
+    config = CONFIG.replace(tie_embeddings=tied)
+    params = model.init_params(config, jax.random.key(0))
+    batch = _batch()
+    batch["loss_mask"] = (batch["segment_ids"] == 2).astype(np.int32)
+
+    def loss(params, chunk):
+        total, ce_sum, count = token_losses(config, params, batch, z_loss=1e-3, chunk=chunk)
+        return total / count, (ce_sum, count)
+
+    (whole, (ce_whole, count_whole)), grads_whole = jax.value_and_grad(loss, has_aux=True)(params, 0)
+    (chunked, (ce_chunked, count_chunked)), grads_chunked = jax.value_and_grad(loss, has_aux=True)(params, chunk)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6)
+    np.testing.assert_allclose(ce_chunked, ce_whole, rtol=1e-6)
+    assert count_chunked == count_whole == batch["loss_mask"].sum()
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7), grads_chunked, grads_whole)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_target_logprobs_against_float64_log_softmax(dtype):
+    config = CONFIG.replace(dtype=dtype)
+    params = model.init_params(config, jax.random.key(1))
+    batch = _batch(seed=2)
+    hidden = model.hidden_states(config, params, batch["inputs"], segment_ids=batch["segment_ids"])
+    logp, log_z = target_logprobs(config, params, hidden, batch["targets"], chunk=3, temperature=0.7)
+    assert logp.dtype == log_z.dtype == jnp.float32
+    logits = np.asarray(model.forward(config, params, batch["inputs"], segment_ids=batch["segment_ids"]), np.float64) / 0.7
+    expected_log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    expected = np.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0] - expected_log_z
+    np.testing.assert_allclose(log_z, expected_log_z, rtol=1e-5)
+    np.testing.assert_allclose(logp, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_loss_never_holds_the_whole_logits():
+    # A vocabulary large beside the model, as in Llama 3 (128k tokens, d_model 2048 to 4096).
+    config = model.ModelConfig(vocab_size=32_768, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=256)
+    params = model.init_params(config, jax.random.key(0))
+    B, T = 2, 256
+    batch = {
+        "inputs": jnp.ones((B, T), jnp.int32), "targets": jnp.ones((B, T), jnp.int32),
+        "segment_ids": jnp.ones((B, T), jnp.int32), "positions": jnp.broadcast_to(jnp.arange(T), (B, T)),
+    }
+
+    def temporaries(chunk):
+        grad = jax.jit(jax.grad(lambda p: token_losses(config, p, batch, chunk=chunk)[0]))
+        return grad.lower(params).compile().memory_analysis().temp_size_in_bytes
+
+    logits_bytes = B * T * config.vocab_size * 4
+    assert temporaries(0) > logits_bytes  # today's path: the logits and their gradient
+    assert temporaries(32) < logits_bytes / 2  # a [B, 32, V] piece and its gradient, the head gradient
+
+
+def test_chunked_response_logps_of_pairs_equal_the_whole_sequence():
+    from align.logprobs import response_logps
+
+    params = model.init_params(CONFIG, jax.random.key(2))
+    rows = _batch(seed=4)
+    rows["loss_mask"] = (rows["segment_ids"] == 2).astype(np.int32)
+    pairs = {k: v.reshape(4, 2, -1) for k, v in rows.items()}
+    whole, counts = response_logps(CONFIG, params, pairs)
+    chunked, chunked_counts = response_logps(CONFIG, params, pairs, chunk=6)
+    assert whole.shape == (4, 2)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6)
+    np.testing.assert_array_equal(chunked_counts, counts)
