@@ -82,8 +82,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def configure_logging() -> None:
-    """This project's INFO lines with their time; libraries' only from WARNING up."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    """This project's INFO lines with their time; libraries' only from WARNING up (set
+    `logging.getLogger(name).setLevel(logging.INFO)` in a driver to see theirs)."""
+    logging.basicConfig()  # a no-op under absl.app, whose handler already serves the root logger
+    logging.root.setLevel(logging.INFO)
+    for handler in logging.root.handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     for library in ("absl", "jax"):  # orbax's per-save lines, jax's backend probing
         logging.getLogger(library).setLevel(logging.WARNING)
 

@@ -92,7 +92,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, mesh, job: Job) -
     preempted = threading.Event()
     default_sigterm = signal.signal(signal.SIGTERM, lambda *_: preempted.set())
     writer = MetricsWriter(workdir, start_step, enabled=is_primary)
-    progress = Progress(steps) if is_primary else None
+    progress = Progress(steps, start_step) if is_primary else None
     config_json = json.loads(cfg.to_json())
     schedule = learning_rate_schedule(cfg.optimizer, steps)
     peak = peak_flops_per_device()
@@ -125,8 +125,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, mesh, job: Job) -
                     row["mfu"] = row["flops_per_s"] / (peak * jax.device_count())
             if progress:
                 progress.update(
-                    step, row["loss"], row["tokens_per_s"], row.get("mfu"), row.get("flops_per_s"),
-                    start_step,
+                    step, row["loss"], row["tokens_per_s"], row.get("mfu"), row.get("flops_per_s")
                 )
         writer.write(step, row)
         timer.update(step=step, time=now)
@@ -134,6 +133,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, mesh, job: Job) -
     def evaluate(step):
         result = job.evaluate(state)
         writer.write(step, result)
+        if progress:
+            progress.evaluation(step, result)
         return result
 
     last_eval = {}

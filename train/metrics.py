@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 import sys
-import time
 
 import jax
+import tqdm
 
 # Dense bf16 peak FLOP/s per chip, from vendor data sheets.
 PEAK_FLOPS = {
@@ -90,45 +89,50 @@ def _plain(value):
 
 
 class Progress:
-    """A console progress line: step, loss, tokens/s, MFU (or achieved FLOP/s), ETA."""
+    """The console view of a run: on a terminal a progress bar that redraws (tqdm), else one
+    plain line per logging interval; one line per evaluation either way."""
 
-    def __init__(self, total_steps: int, stream=sys.stderr):
+    def __init__(self, total_steps: int, first_step: int, stream=sys.stderr):
         self.total_steps = total_steps
         self.stream = stream
-        self.start = time.time()
+        self.bar = None
+        if stream.isatty():
+            self.bar = tqdm.tqdm(
+                total=total_steps, initial=first_step, file=stream, unit="step",
+                bar_format="{l_bar}{bar:20}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}",
+            )
 
-    def update(
-        self, step: int, loss: float, tokens_per_s: float, mfu: float | None,
-        flops_per_s: float | None, first_step: int,
-    ):
-        elapsed = time.time() - self.start
-        done = step - first_step
-        eta = elapsed / max(done, 1) * (self.total_steps - step)
+    def update(self, step: int, loss: float, tokens_per_s: float, mfu: float | None, flops_per_s: float | None):
         if mfu is not None:
-            speed = f" MFU {mfu:5.1%}"
+            speed = f", MFU {mfu:.1%}"
         elif flops_per_s is not None:
-            speed = f" {flops_per_s / 1e9:7.1f} GFLOP/s"
+            speed = f", {flops_per_s / 1e9:.1f} GFLOP/s"
         else:
             speed = ""
-        width = 20
-        filled = int(width * step / self.total_steps)
-        bar = "#" * filled + "." * (width - filled)
-        self.stream.write(
-            f"\r[{bar}] step {step}/{self.total_steps} loss {loss:.4f} "
-            f"{tokens_per_s:,.0f} tok/s{speed} ETA {_duration(eta)}   "
-        )
-        self.stream.flush()
+        summary = f"loss {loss:.4f}, {tokens_per_s:,.0f} tok/s{speed}"
+        if self.bar is None:
+            self.stream.write(f"step {step}/{self.total_steps}: {summary}\n")
+            self.stream.flush()
+            return
+        self.bar.set_postfix_str(summary, refresh=False)
+        self.bar.update(step - self.bar.n)
+
+    def evaluation(self, step: int, metrics: dict) -> None:
+        values = ", ".join(f"{name.removeprefix('eval_')} {_number(value)}" for name, value in metrics.items())
+        line = f"step {step}/{self.total_steps} validation: {values}"
+        if self.bar is None:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        else:
+            self.bar.write(line, file=self.stream)
 
     def close(self):
-        self.stream.write("\n")
+        if self.bar is not None:
+            self.bar.close()
 
 
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    minutes, seconds = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+def _number(value: float) -> str:
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:.4g}"
 
 
 def plot_loss_curve(metrics_path: pathlib.Path, out_path: pathlib.Path) -> None:

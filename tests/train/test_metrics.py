@@ -1,10 +1,12 @@
-"""The metrics file on resume: one row per step, a row cut short by a kill dropped."""
+"""The metrics file on resume: one row per step, a row cut short by a kill dropped. The
+console: a redrawn bar on a terminal, plain lines otherwise."""
 
+import io
 import json
 
 import pytest
 
-from train.metrics import MetricsWriter, read_metrics
+from train.metrics import MetricsWriter, Progress, read_metrics
 
 
 def _write(path, rows, tail=""):
@@ -23,3 +25,33 @@ def test_a_malformed_row_before_the_last_is_an_error_naming_the_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, \n{"step": 3}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON row"):
         MetricsWriter(tmp_path, resume_step=3)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_prints_plain_lines_without_a_terminal():
+    stream = io.StringIO()
+    progress = Progress(total_steps=40, first_step=0, stream=stream)
+    progress.update(10, 6.8975, 6826.4, None, 104.8e9)
+    progress.evaluation(20, {"eval_loss": 6.8271, "eval_perplexity": 922.03, "eval_tokens": 70925.0})
+    progress.update(20, 6.5, 6570.0, 0.4123, 1e12)
+    progress.close()
+    assert stream.getvalue().splitlines() == [
+        "step 10/40: loss 6.8975, 6,826 tok/s, 104.8 GFLOP/s",
+        "step 20/40 validation: loss 6.827, perplexity 922, tokens 70,925",
+        "step 20/40: loss 6.5000, 6,570 tok/s, MFU 41.2%",
+    ]
+
+
+def test_progress_redraws_one_bar_on_a_terminal():
+    stream = _Terminal()
+    progress = Progress(total_steps=40, first_step=10, stream=stream)
+    progress.update(20, 6.8975, 6826.4, None, None)
+    progress.update(30, 6.5, 6570.0, None, None)
+    progress.close()
+    text = stream.getvalue()
+    assert "\r" in text and text.count("\n") == 1  # redrawn in place, one line left at the end
+    assert "30/40" in text and "loss 6.5000, 6,570 tok/s" in text
