@@ -43,6 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.loss_chunk = 0
     c.train.log_every = 10
     c.train.nonfinite = "stop"  # "stop" | "skip" (skip the update and count it)
+    # (first, last): trace these steps with jax.profiler into WORKDIR/tensorboard, for
+    # TensorBoard's profile tab; () for none.
+    c.train.profile_steps = ()
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.lr = 3e-4
@@ -107,6 +110,12 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int, n_processes: int) -
             f"must be positive and leave room for the prompt in model.max_seq_len={cfg.model.max_seq_len}",
         )
     require(t.nonfinite in ("stop", "skip"), "train.nonfinite", "expected 'stop' or 'skip'")
+    require(
+        t.profile_steps == () or (
+            len(t.profile_steps) == 2 and 1 <= t.profile_steps[0] <= t.profile_steps[1] <= t.steps
+        ),
+        "train.profile_steps", f"expected () or (first, last) with 1 <= first <= last <= train.steps={t.steps}",
+    )
     require(cfg.optimizer.schedule in SCHEDULES, "optimizer.schedule", f"expected one of {SCHEDULES}")
     require(cfg.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be positive")
     require(cfg.checkpoint.keep > 0, "checkpoint.keep", "must be positive")

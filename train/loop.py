@@ -130,6 +130,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, mesh, job: Job) -
         writer.write(step, row)
         timer.update(step=step, time=now)
 
+    profiler = _Profiler(cfg.train.profile_steps, workdir / "tensorboard")
+
     def evaluate(step):
         result = job.evaluate(state)
         writer.write(step, result)
@@ -142,7 +144,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, mesh, job: Job) -
         with jax.set_mesh(mesh):
             pending = None  # read a step's metrics only after the next step is dispatched
             for step in range(start_step + 1, steps + 1):
+                profiler.before(step)
                 state, metrics = job.train_step(state, global_batch(next(job.batches), mesh))
+                profiler.after(step, metrics)
                 if pending is not None:
                     report(*pending)
                 pending = (step, metrics)
@@ -170,6 +174,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, mesh, job: Job) -
             elif finished and job.evaluate:
                 last_eval = job.evaluate(state)
     finally:  # also when a step fails: pending saves finish, nothing is left half-written
+        profiler.stop()
         checkpointer.wait()
         checkpointer.close()
         writer.close()
@@ -179,3 +184,29 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, mesh, job: Job) -
         log.warning("SIGTERM: saved the checkpoint at step %d; the same command resumes", step)
         raise SystemExit(128 + signal.SIGTERM)
     return Result(state, last_eval)
+
+
+class _Profiler:
+    """A jax.profiler trace of the steps `first..last` (inclusive), written where TensorBoard's
+    profile tab finds it."""
+
+    def __init__(self, steps: tuple, directory: pathlib.Path):
+        self.first, self.last = steps or (0, -1)
+        self.directory = directory
+        self.tracing = False
+
+    def before(self, step: int) -> None:
+        if step == self.first:
+            jax.profiler.start_trace(str(self.directory))
+            self.tracing = True
+
+    def after(self, step: int, metrics) -> None:
+        if step == self.last and self.tracing:
+            jax.block_until_ready(metrics)  # the traced steps' device work ends inside the trace
+            self.stop()
+            log.info("profile of steps %d-%d written under %s", self.first, self.last, self.directory)
+
+    def stop(self) -> None:
+        if self.tracing:
+            jax.profiler.stop_trace()
+            self.tracing = False

@@ -29,7 +29,7 @@ LOCK_FILE = "run.lock"
 # trajectory.
 RESUMABLE = (
     "train.steps", "train.log_every", "train.nonfinite", "eval.", "checkpoint.", "sample.", "mesh.",
-    "data.cache_dir", "data.processes",
+    "train.profile_steps", "data.cache_dir", "data.processes",
 )
 
 

@@ -1,5 +1,6 @@
 """End-to-end pretraining: exact resume after SIGKILL, SIGTERM, NaN stop, config errors."""
 
+import gzip
 import json
 import os
 import pathlib
@@ -139,6 +140,7 @@ def test_nonfinite_loss_stops_the_run_naming_the_step(uninterrupted, corpus_dir,
         ("mesh.tensor", 4, r"model.n_kv_heads=1 is not divisible by the 'tensor' mesh axis of size 4"),
         ("optimizer.schedule", "step", r"config.optimizer.schedule='step': expected one of"),
         ("model.norm", "batchnorm", r"model.norm='batchnorm'"),
+        ("train.profile_steps", (3, 99), r"config.train.profile_steps=\(3, 99\): expected \(\) or \(first, last\)"),
     ],
 )
 def test_config_validation_names_the_key(corpus_dir, tmp_path, key, value, message):
@@ -160,3 +162,14 @@ def test_unknown_override_is_refused_before_training(tmp_path):
     assert result.returncode != 0
     assert "stepz" in result.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_profile_steps_write_a_trace_of_the_train_step(uninterrupted, corpus_dir, tmp_path):
+    _, cache, _ = uninterrupted
+    cfg = tiny_config(corpus_dir, cache, steps=6)
+    cfg.train.profile_steps = (2, 3)
+    pretrain.run(cfg, tmp_path)
+    traces = list((tmp_path / "tensorboard" / "plugins" / "profile").glob("*/*.trace.json.gz"))
+    assert len(traces) == 1 and list(traces[0].parent.glob("*.xplane.pb"))
+    events = json.loads(gzip.decompress(traces[0].read_bytes()))["traceEvents"]
+    assert sum(e.get("name") == "PjitFunction(train_step)" for e in events) >= 2
