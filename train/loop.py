@@ -92,8 +92,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, mesh, job: Job) -
     preempted = threading.Event()
     default_sigterm = signal.signal(signal.SIGTERM, lambda *_: preempted.set())
     writer = MetricsWriter(workdir, start_step, enabled=is_primary)
-    progress = Progress(steps, start_step) if is_primary else None
     config_json = json.loads(cfg.to_json())
+    if start_step == 0:
+        writer.hyperparameters(config_json)
+    progress = Progress(steps, start_step) if is_primary else None
     schedule = learning_rate_schedule(cfg.optimizer, steps)
     peak = peak_flops_per_device()
     timer = {"step": None, "time": None}

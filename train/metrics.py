@@ -9,6 +9,8 @@ import sys
 import jax
 import tqdm
 
+from train.workdir import flatten
+
 # Dense bf16 peak FLOP/s per chip, from vendor data sheets.
 PEAK_FLOPS = {
     "H100": 989e12,
@@ -66,6 +68,17 @@ class MetricsWriter:
 
         self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1)
         self._file = self.path.open("a")
+
+    def hyperparameters(self, config: dict) -> None:
+        """The run's config, flattened, for TensorBoard's HParams tab and as text."""
+        if not self.enabled:
+            return
+        from tensorboardX.summary import hparams
+
+        flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flatten(config).items()}
+        for summary in hparams(flat, {"loss": None, "eval_loss": None}):
+            self._tb.file_writer.add_summary(summary)
+        self._tb.add_text("config", "```\n" + json.dumps(config, indent=1) + "\n```", 0)
 
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:

@@ -3,6 +3,7 @@ console: a redrawn bar on a terminal, plain lines otherwise."""
 
 import io
 import json
+import struct
 
 import pytest
 
@@ -55,3 +56,32 @@ def test_progress_redraws_one_bar_on_a_terminal():
     text = stream.getvalue()
     assert "\r" in text and text.count("\n") == 1  # redrawn in place, one line left at the end
     assert "30/40" in text and "loss 6.5000, 6,570 tok/s" in text
+
+
+def _events(directory):
+    """Every Event of the TFRecord event files in `directory`."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    events = []
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        while data:
+            (length,) = struct.unpack("<Q", data[:8])
+            events.append(Event.FromString(data[12 : 12 + length]))
+            data = data[16 + length :]
+    return events
+
+
+def test_hyperparameters_reach_tensorboard(tmp_path):
+    from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
+
+    writer = MetricsWriter(tmp_path, resume_step=0)
+    writer.hyperparameters({"train": {"steps": 5, "profile_steps": [2, 3]}, "model": {"norm": "rms"}})
+    writer.close()
+    values = {v.tag: v for e in _events(tmp_path / "tensorboard") for v in e.summary.value}
+    start = HParamsPluginData.FromString(values["_hparams_/session_start_info"].metadata.plugin_data.content)
+    hparams = start.session_start_info.hparams
+    assert hparams["train.steps"].number_value == 5.0
+    assert hparams["model.norm"].string_value == "rms"
+    assert hparams["train.profile_steps"].string_value == "[2, 3]"
+    assert '"steps": 5' in values["config/text_summary"].tensor.string_val[0].decode()
