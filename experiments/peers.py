@@ -1,0 +1,111 @@
+"""Train-step time against nanoGPT for the same GPT-2-family model, in one process.
+
+    python -m experiments.peers --nanogpt=DIR --batch_size=16 --seq_len=128
+
+The model is nanoGPT's own small configuration (its Shakespeare character model: 6 layers, 6
+heads, width 384, vocabulary 65; about 10.7M parameters) unless --n_layer, --n_head, --n_embd
+and --vocab_size say otherwise.
+DIR holds nanoGPT's `model.py` (github.com/karpathy/nanoGPT; it is not part of this project).
+Both sides run AdamW on random tokens in float32 on the default device (CPU here: both use
+every core), two warm-up steps, then `--steps` timed ones; the medians are printed. nanoGPT
+runs eager and, with `--torch_compile`, under `torch.compile`. Needs the `test` extra (torch).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import statistics
+import time
+
+import jax
+import ml_collections
+from absl import app, flags
+
+import model
+from model import sharding
+from train.benchmark import synthetic_batch, time_steps  # also defines the shared flags
+from train.cli import exit_on_input_error
+from train.optimizer import make_optimizer
+from train.state import create_state
+from train.step import compile_steps
+
+_NANOGPT = flags.DEFINE_string("nanogpt", None, "Directory holding nanoGPT's model.py.", required=True)
+_TORCH_COMPILE = flags.DEFINE_bool("torch_compile", False, "Also time nanoGPT under torch.compile.")
+_LAYERS = flags.DEFINE_integer("n_layer", 6, "Layers.")
+_HEADS = flags.DEFINE_integer("n_head", 6, "Attention heads.")
+_WIDTH = flags.DEFINE_integer("n_embd", 384, "Model width.")
+_VOCAB = flags.DEFINE_integer("vocab_size", 65, "Vocabulary.")
+# --batch_size, --seq_len and --steps are train.benchmark's.
+FLAGS = flags.FLAGS
+
+_OPTIMIZER = dict(
+    lr=3e-4, min_lr_ratio=0.1, warmup_steps=10, schedule="cosine", decay_fraction=0.2,
+    b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
+)
+
+
+def ours(batch_size: int, seq_len: int, steps: int) -> float:
+    config = model.get_config(
+        "gpt2-124m", dtype="float32", max_seq_len=max(seq_len, 1024), n_layers=_LAYERS.value,
+        n_heads=_HEADS.value, n_kv_heads=_HEADS.value, d_model=_WIDTH.value, d_ff=4 * _WIDTH.value,
+        vocab_size=_VOCAB.value,
+    )
+    mesh = sharding.make_mesh((-1, 1, 1), model_config=config)
+    optimizer = make_optimizer(ml_collections.ConfigDict(_OPTIMIZER), total_steps=1000)
+    train_step, _ = compile_steps(config, optimizer, mesh, microbatches=1, z_loss=0.0)
+    batch = synthetic_batch(batch_size, seq_len, config.vocab_size, 1)
+    with jax.set_mesh(mesh):
+        state = create_state(config, optimizer, mesh, seed=0)
+        _, times = time_steps(train_step, state, batch, steps)
+    return statistics.median(times)
+
+
+def nanogpt(directory: str, batch_size: int, seq_len: int, steps: int, compiled: bool) -> float:
+    import torch
+
+    spec = importlib.util.spec_from_file_location("nanogpt_model", pathlib.Path(directory) / "model.py")
+    nanogpt_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nanogpt_model)
+    gpt = nanogpt_model.GPT(nanogpt_model.GPTConfig(
+        block_size=max(seq_len, 1024), vocab_size=_VOCAB.value, n_layer=_LAYERS.value,
+        n_head=_HEADS.value, n_embd=_WIDTH.value, dropout=0.0,
+    ))
+    optimizer = gpt.configure_optimizers(0.1, 3e-4, (0.9, 0.95), "cpu")
+    step_model = torch.compile(gpt) if compiled else gpt
+    tokens = torch.randint(0, _VOCAB.value, (batch_size, seq_len + 1))
+    inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+    def step():
+        _, loss = step_model(inputs, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv):
+    del argv
+    B, T, steps = FLAGS.batch_size, FLAGS.seq_len, FLAGS.steps
+    rows = [("lmx", ours(B, T, steps))]
+    rows.append(("nanoGPT eager", nanogpt(_NANOGPT.value, B, T, steps, compiled=False)))
+    if _TORCH_COMPILE.value:
+        rows.append(("nanoGPT torch.compile", nanogpt(_NANOGPT.value, B, T, steps, compiled=True)))
+    shape = f"{_LAYERS.value} layers, {_HEADS.value} heads, width {_WIDTH.value}, vocabulary {_VOCAB.value}"
+    print(f"GPT-2 family, {shape}; float32, AdamW; {B} x {T} tokens per step; {jax.devices()[0].device_kind}")
+    for name, seconds in rows:
+        speed = rows[1][1] / seconds
+        print(f"{name:24s} {seconds * 1e3:9.1f} ms/step {B * T / seconds:10,.0f} tok/s  {speed:.2f}x nanoGPT eager")
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: exit_on_input_error(lambda: main(argv)))
