@@ -16,14 +16,14 @@ import statistics
 import flax.linen as nn
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 import model
 from align.config import method_config as cfg
 from align import dpo, sft, trees
 from model import sharding
 from train.benchmark import synthetic_batch, time_steps
-from train.cli import exit_on_input_error
+from train.cli import run_program
 from train.optimizer import make_optimizer
 from train.state import create_state, init_state, state_shardings
 from train.step import compile_steps, compile_train_step
@@ -93,4 +93,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: exit_on_input_error(lambda: main(argv)))
+    run_program(main)

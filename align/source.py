@@ -41,13 +41,14 @@ def resolve(cfg) -> Start:
     return _from_hf(pathlib.Path(cfg.init.from_hf), cfg.init.tokenizer)
 
 
-def from_workdir(workdir: pathlib.Path) -> Start:
+def from_workdir(workdir: pathlib.Path, setting: str = "init.from_workdir") -> Start:
+    """The newest checkpoint of a run; errors name `setting`, where the workdir came from."""
     workdir = pathlib.Path(workdir).resolve()
     config_file = workdir / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"init.from_workdir={str(workdir)!r}: no config.json there (not a run's workdir)")
+        raise FileNotFoundError(f"{setting}={str(workdir)!r}: no config.json there (not a run's workdir)")
     if not (workdir / "checkpoints").is_dir():
-        raise FileNotFoundError(f"init.from_workdir={str(workdir)!r}: no checkpoints directory")
+        raise FileNotFoundError(f"{setting}={str(workdir)!r}: no checkpoints directory")
     source = ml_collections.ConfigDict(json.loads(config_file.read_text()))
     model_config = model.ModelConfig(**source.model.to_dict())
     tokenizer_file = workdir / TOKENIZER_FILE

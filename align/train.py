@@ -133,7 +133,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.Res
     shardings = state_shardings(optimizer, mesh, params_boxed, frozen_boxed)
     loss_fn = LOSSES[cfg.method](cfg, model_config)
     train_step = compile_train_step(loss_fn, optimizer, mesh, shardings, microbatches=cfg.train.microbatches)
-    eval_step = compile_eval_step(loss_fn, mesh, shardings)
+    eval_step = compile_eval_step(loss_fn, mesh, shardings.params, shardings.frozen)
 
     def new_trees():
         policy = start.load_params(mesh)

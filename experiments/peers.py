@@ -20,12 +20,12 @@ import time
 
 import jax
 import ml_collections
-from absl import app, flags
+from absl import flags
 
 import model
 from model import sharding
 from train.benchmark import synthetic_batch, time_steps  # also defines the shared flags
-from train.cli import exit_on_input_error
+from train.cli import run_program
 from train.optimizer import make_optimizer
 from train.state import create_state
 from train.step import compile_steps
@@ -108,4 +108,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: exit_on_input_error(lambda: main(argv)))
+    run_program(main)

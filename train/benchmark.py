@@ -16,11 +16,11 @@ import time
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 import model
 from model import sharding
-from train.cli import exit_on_input_error
+from train.cli import run_program
 from train.metrics import peak_flops_per_device
 from train.optimizer import make_optimizer
 from train.state import create_state
@@ -158,4 +158,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: exit_on_input_error(lambda: main(argv)))
+    run_program(main)

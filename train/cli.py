@@ -92,6 +92,17 @@ def configure_logging() -> None:
         logging.getLogger(library).setLevel(logging.WARNING)
 
 
+def run_program(main: Callable[[list[str]], object]) -> None:
+    """absl's `app.run` for a program with flags of its own: logging as `configure_logging`
+    sets it, and an input error of ours in one line."""
+
+    def start(argv):
+        configure_logging()
+        exit_on_input_error(lambda: main(argv))
+
+    app.run(start)
+
+
 def main(run: Callable[[ml_collections.ConfigDict, str], object]) -> None:
     """Parse the command line and call `run(config, workdir)`. Flags are defined here, when a
     program runs, not at import, so that drivers can import `run` beside flags of their own."""

@@ -110,10 +110,9 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int, n_processes: int) -
             f"must be positive and leave room for the prompt in model.max_seq_len={cfg.model.max_seq_len}",
         )
     require(t.nonfinite in ("stop", "skip"), "train.nonfinite", "expected 'stop' or 'skip'")
+    profile = tuple(t.profile_steps)
     require(
-        t.profile_steps == () or (
-            len(t.profile_steps) == 2 and 1 <= t.profile_steps[0] <= t.profile_steps[1] <= t.steps
-        ),
+        profile == () or (len(profile) == 2 and 1 <= profile[0] <= profile[1] <= t.steps),
         "train.profile_steps", f"expected () or (first, last) with 1 <= first <= last <= train.steps={t.steps}",
     )
     require(cfg.optimizer.schedule in SCHEDULES, "optimizer.schedule", f"expected one of {SCHEDULES}")

@@ -144,11 +144,11 @@ def compile_train_step(loss_fn: LossFn, optimizer, mesh: Mesh, shardings: TrainS
     )
 
 
-def compile_eval_step(loss_fn: LossFn, mesh: Mesh, shardings: TrainState):
-    """jit `(params, frozen, batch) -> sums` with the state's shardings."""
+def compile_eval_step(loss_fn: LossFn, mesh: Mesh, params_shardings, frozen_shardings=None):
+    """jit `(params, frozen, batch) -> sums` with the given shardings of the two trees."""
     return jax.jit(
         functools.partial(eval_step, loss_fn=loss_fn),
-        in_shardings=(shardings.params, shardings.frozen, batch_sharding(mesh)),
+        in_shardings=(params_shardings, frozen_shardings or {}, batch_sharding(mesh)),
         out_shardings=NamedSharding(mesh, PartitionSpec()),
     )
 
@@ -162,4 +162,5 @@ def compile_steps(
     train = compile_train_step(
         language_model_loss(config, z_loss, loss_chunk), optimizer, mesh, shardings, microbatches=microbatches
     )
-    return train, compile_eval_step(language_model_loss(config, chunk=loss_chunk), mesh, shardings)
+    evaluate = compile_eval_step(language_model_loss(config, chunk=loss_chunk), mesh, shardings.params)
+    return train, evaluate

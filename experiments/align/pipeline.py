@@ -20,7 +20,7 @@ import logging
 import pathlib
 
 import jax
-from absl import app, flags
+from absl import flags
 
 from align import source
 from align import train as align_train
@@ -30,7 +30,7 @@ from experiments.align import arithmetic as experiment
 from model import sharding
 from model.generate import generate
 from train import pretrain
-from train.cli import configure_logging, exit_on_input_error
+from train.cli import run_program
 from train.metrics import read_metrics
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/arithmetic", "Directory of every stage's run.")
@@ -160,7 +160,6 @@ def table(summary: dict) -> str:
 
 def main(argv):
     del argv
-    configure_logging()
     root = pathlib.Path(_WORKDIR.value)
     pretrained = pathlib.Path(_PRETRAINED.value or root / "pretrained")
     base = quickstart.get_config()
@@ -181,4 +180,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: exit_on_input_error(lambda: main(argv)))
+    run_program(main)

@@ -10,9 +10,11 @@ import sys
 import textwrap
 import time
 
+import jax
 import numpy as np
 import pytest
 
+import model
 from data import pipeline
 from tests.train.tiny_experiment import STEPS, tiny_config, write_tiny_corpus
 from train import config as config_lib
@@ -173,3 +175,31 @@ def test_profile_steps_write_a_trace_of_the_train_step(uninterrupted, corpus_dir
     assert len(traces) == 1 and list(traces[0].parent.glob("*.xplane.pb"))
     events = json.loads(gzip.decompress(traces[0].read_bytes()))["traceEvents"]
     assert sum(e.get("name") == "PjitFunction(train_step)" for e in events) >= 2
+
+
+def test_evaluate_scores_any_files_with_the_runs_checkpoint_and_tokenizer(uninterrupted, tmp_path):
+    from align import source
+    from model import sharding
+    from train import evaluate
+
+    workdir = uninterrupted[0]
+    texts = ["import os\n", "x = [1, 2]\n", "def f(a):\n    return a\n"]
+    (tmp_path / "held_out").mkdir()
+    for i, text in enumerate(texts):
+        (tmp_path / "held_out" / f"{i}.py").write_text(text)
+    result = evaluate.evaluate(workdir, evaluate.read_texts([str(tmp_path / "held_out")]), batch_size=8)
+
+    # Independently: each document alone through the model, float64 log-softmax.
+    start = source.from_workdir(workdir)
+    params = jax.device_get(start.load_params(sharding.make_mesh((-1, 1, 1), model_config=start.model_config)))
+    nats, targets = 0.0, 0
+    for document in start.tokenizer.encode_arrays(texts, add_bos=True, add_eos=True):
+        assert len(document) <= 33  # one row of seq_len 32: no chunking
+        logits = np.asarray(model.forward(start.model_config, params, document[None, :-1]), np.float64)[0]
+        log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        nats -= float(np.sum(logits[np.arange(len(document) - 1), document[1:]] - log_z))
+        targets += len(document) - 1
+    assert result["tokens"] == targets and result["documents"] == 3
+    np.testing.assert_allclose(result["loss"], nats / targets, rtol=1e-5)
+    text_bytes = sum(len(t.encode()) for t in texts)
+    np.testing.assert_allclose(result["bits_per_byte"], nats / np.log(2) / text_bytes, rtol=1e-5)
