@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,9 @@ from model.config import ModelConfig
 
 
 def from_hf(path) -> tuple[ModelConfig, dict]:
+    """(config, params) of a local checkpoint. A config field that changes the function and
+    is not implemented here is refused by name; every tensor is checked against the name and
+    shape the config implies, and tensors left unused are an error."""
     path = pathlib.Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -24,13 +28,16 @@ def from_hf(path) -> tuple[ModelConfig, dict]:
     hf = json.loads(config_file.read_text())
     model_type = hf.get("model_type")
     if model_type == "gpt2":
-        config = _gpt2_config(hf)
-        layers, top = _gpt2_params(config, _load_tensors(path))
+        config = _gpt2_config(hf, config_file)
+        read = _gpt2_params
     elif model_type == "llama":
         config = _llama_config(hf, config_file)
-        layers, top = _llama_params(config, _load_tensors(path))
+        read = _llama_params
     else:
         raise ValueError(f"{config_file}: model_type {model_type!r} is not supported (gpt2, llama)")
+    tensors = _Tensors(path)
+    layers, top = read(config, tensors)
+    tensors.check_all_taken()
     params = dict(top)
     if config.scan_layers:
         params["layers"] = _stack(layers)
@@ -40,68 +47,110 @@ def from_hf(path) -> tuple[ModelConfig, dict]:
     return config, jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
 
 
-def _load_tensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path}: no *.safetensors files")
-    tensors = {}
-    for file in files:
-        # The flax framework reads bfloat16 checkpoints too (numpy has no bfloat16).
-        with safe_open(file, framework="flax") as f:
-            for name in f.keys():
-                tensors[name] = np.asarray(f.get_tensor(name).astype(jnp.float32))
-    return tensors
+class _Tensors:
+    """The checkpoint's tensors, handed out by name with their shape checked."""
+
+    # Buffers some checkpoints carry that are not parameters: GPT-2's causal-mask constants,
+    # Llama's rotary frequencies (both recomputed here).
+    _BUFFERS = re.compile(r"(\.attn\.(bias|masked_bias)|rotary_emb\.inv_freq)$")
+
+    def __init__(self, path: pathlib.Path):
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{path}: no *.safetensors files")
+        self.path = path
+        self.tensors = {}
+        for file in files:
+            # The flax framework reads bfloat16 checkpoints too (numpy has no bfloat16).
+            with safe_open(file, framework="flax") as f:
+                for name in f.keys():
+                    self.tensors[name] = np.asarray(f.get_tensor(name).astype(jnp.float32))
+        self.taken = {name for name in self.tensors if self._BUFFERS.search(name)}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def take(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in self.tensors:
+            raise ValueError(f"{self.path}: tensor {name!r} (shape {shape}) is missing")
+        tensor = self.tensors[name]
+        if tensor.shape != tuple(shape):
+            raise ValueError(
+                f"{self.path}: tensor {name!r} has shape {tensor.shape}; the config implies {tuple(shape)}"
+            )
+        self.taken.add(name)
+        return tensor
+
+    def check_all_taken(self) -> None:
+        unused = sorted(set(self.tensors) - self.taken)
+        if unused:
+            shown = ", ".join(unused[:8]) + (f" and {len(unused) - 8} more" if len(unused) > 8 else "")
+            raise ValueError(f"{self.path}: tensors the config does not use: {shown}")
 
 
-def _gpt2_config(hf: dict) -> ModelConfig:
-    activation = hf.get("activation_function", "gelu_new")
-    if activation not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"config.json: activation_function {activation!r} is not supported")
+def _refuse(config_file: pathlib.Path, hf: dict, field: str, supported) -> None:
+    """Refuse a config field whose value this model does not implement."""
+    value = hf.get(field, supported[0])
+    if value not in supported:
+        raise ValueError(
+            f"{config_file}: {field}={value!r} is not supported (supported: "
+            f"{', '.join(repr(v) for v in supported)})"
+        )
+
+
+def _gpt2_config(hf: dict, config_file: pathlib.Path) -> ModelConfig:
+    _refuse(config_file, hf, "activation_function", ("gelu_new", "gelu_pytorch_tanh"))
+    _refuse(config_file, hf, "scale_attn_weights", (True,))
+    _refuse(config_file, hf, "scale_attn_by_inverse_layer_idx", (False,))
+    _refuse(config_file, hf, "add_cross_attention", (False,))
     d = hf["n_embd"]
     return ModelConfig(
         vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["n_layer"], n_heads=hf["n_head"],
         n_kv_heads=hf["n_head"], d_ff=hf.get("n_inner") or 4 * d, max_seq_len=hf["n_positions"],
         norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu",
-        positions="learned", tie_embeddings=True, use_bias=True,
+        positions="learned", tie_embeddings=hf.get("tie_word_embeddings", True), use_bias=True,
     )
 
 
-def _gpt2_params(config: ModelConfig, t: dict) -> tuple[list, dict]:
-    D, N, H = config.d_model, config.n_heads, config.head_dim
+def _gpt2_params(config: ModelConfig, t: _Tensors) -> tuple[list, dict]:
+    D, N, H, F = config.d_model, config.n_heads, config.head_dim, config.d_ff
     prefix = "transformer." if "transformer.wte.weight" in t else ""
     layers = []
     for i in range(config.n_layers):
         p = f"{prefix}h.{i}."
-        q, k, v = np.split(t[p + "attn.c_attn.weight"], 3, axis=1)
-        qb, kb, vb = np.split(t[p + "attn.c_attn.bias"], 3)
+        q, k, v = np.split(t.take(p + "attn.c_attn.weight", (D, 3 * D)), 3, axis=1)
+        qb, kb, vb = np.split(t.take(p + "attn.c_attn.bias", (3 * D,)), 3)
         layers.append({
-            "attn_norm": {"scale": t[p + "ln_1.weight"], "bias": t[p + "ln_1.bias"]},
+            "attn_norm": {"scale": t.take(p + "ln_1.weight", (D,)), "bias": t.take(p + "ln_1.bias", (D,))},
             "attn": {
                 "q": q.reshape(D, N, H), "k": k.reshape(D, N, H), "v": v.reshape(D, N, H),
                 "q_bias": qb.reshape(N, H), "k_bias": kb.reshape(N, H), "v_bias": vb.reshape(N, H),
-                "o": t[p + "attn.c_proj.weight"].reshape(N, H, D), "o_bias": t[p + "attn.c_proj.bias"],
+                "o": t.take(p + "attn.c_proj.weight", (D, D)).reshape(N, H, D),
+                "o_bias": t.take(p + "attn.c_proj.bias", (D,)),
             },
-            "mlp_norm": {"scale": t[p + "ln_2.weight"], "bias": t[p + "ln_2.bias"]},
+            "mlp_norm": {"scale": t.take(p + "ln_2.weight", (D,)), "bias": t.take(p + "ln_2.bias", (D,))},
             "mlp": {
-                "up": t[p + "mlp.c_fc.weight"], "up_bias": t[p + "mlp.c_fc.bias"],
-                "down": t[p + "mlp.c_proj.weight"], "down_bias": t[p + "mlp.c_proj.bias"],
+                "up": t.take(p + "mlp.c_fc.weight", (D, F)), "up_bias": t.take(p + "mlp.c_fc.bias", (F,)),
+                "down": t.take(p + "mlp.c_proj.weight", (F, D)), "down_bias": t.take(p + "mlp.c_proj.bias", (D,)),
             },
         })
     top = {
-        "embedding": t[prefix + "wte.weight"],
-        "position_embedding": t[prefix + "wpe.weight"],
-        "final_norm": {"scale": t[prefix + "ln_f.weight"], "bias": t[prefix + "ln_f.bias"]},
+        "embedding": t.take(prefix + "wte.weight", (config.vocab_size, D)),
+        "position_embedding": t.take(prefix + "wpe.weight", (config.max_seq_len, D)),
+        "final_norm": {"scale": t.take(prefix + "ln_f.weight", (D,)), "bias": t.take(prefix + "ln_f.bias", (D,))},
     }
+    _head(config, t, top)
     return layers, top
 
 
 def _llama_config(hf: dict, config_file: pathlib.Path) -> ModelConfig:
+    _refuse(config_file, hf, "hidden_act", ("silu",))
+    _refuse(config_file, hf, "attention_bias", (False,))
+    _refuse(config_file, hf, "mlp_bias", (False,))
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        raise ValueError(f"{config_file}: rope_type {rope_type!r} is not supported (default only)")
-    if hf.get("mlp_bias") or hf.get("attention_bias"):
-        raise ValueError(f"{config_file}: attention_bias/mlp_bias are not supported for llama")
+        raise ValueError(f"{config_file}: rope_scaling with rope_type {rope_type!r} is not supported (default only)")
     n_heads = hf["num_attention_heads"]
     return ModelConfig(
         vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
@@ -114,31 +163,42 @@ def _llama_config(hf: dict, config_file: pathlib.Path) -> ModelConfig:
     )
 
 
-def _llama_params(config: ModelConfig, t: dict) -> tuple[list, dict]:
-    D, N, K, H = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim
+def _llama_params(config: ModelConfig, t: _Tensors) -> tuple[list, dict]:
+    D, N, K, H, F = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, config.d_ff
     layers = []
     for i in range(config.n_layers):
         p = f"model.layers.{i}."
         # torch Linear stores [out, in]; our kernels are [in, out].
         layers.append({
-            "attn_norm": {"scale": t[p + "input_layernorm.weight"]},
+            "attn_norm": {"scale": t.take(p + "input_layernorm.weight", (D,))},
             "attn": {
-                "q": t[p + "self_attn.q_proj.weight"].T.reshape(D, N, H),
-                "k": t[p + "self_attn.k_proj.weight"].T.reshape(D, K, H),
-                "v": t[p + "self_attn.v_proj.weight"].T.reshape(D, K, H),
-                "o": t[p + "self_attn.o_proj.weight"].T.reshape(N, H, D),
+                "q": t.take(p + "self_attn.q_proj.weight", (N * H, D)).T.reshape(D, N, H),
+                "k": t.take(p + "self_attn.k_proj.weight", (K * H, D)).T.reshape(D, K, H),
+                "v": t.take(p + "self_attn.v_proj.weight", (K * H, D)).T.reshape(D, K, H),
+                "o": t.take(p + "self_attn.o_proj.weight", (D, N * H)).T.reshape(N, H, D),
             },
-            "mlp_norm": {"scale": t[p + "post_attention_layernorm.weight"]},
+            "mlp_norm": {"scale": t.take(p + "post_attention_layernorm.weight", (D,))},
             "mlp": {
-                "gate": t[p + "mlp.gate_proj.weight"].T,
-                "up": t[p + "mlp.up_proj.weight"].T,
-                "down": t[p + "mlp.down_proj.weight"].T,
+                "gate": t.take(p + "mlp.gate_proj.weight", (F, D)).T,
+                "up": t.take(p + "mlp.up_proj.weight", (F, D)).T,
+                "down": t.take(p + "mlp.down_proj.weight", (D, F)).T,
             },
         })
-    top = {"embedding": t["model.embed_tokens.weight"], "final_norm": {"scale": t["model.norm.weight"]}}
-    if not config.tie_embeddings:
-        top["head"] = t["lm_head.weight"].T
+    top = {
+        "embedding": t.take("model.embed_tokens.weight", (config.vocab_size, D)),
+        "final_norm": {"scale": t.take("model.norm.weight", (D,))},
+    }
+    _head(config, t, top)
     return layers, top
+
+
+def _head(config: ModelConfig, t: _Tensors, top: dict) -> None:
+    """The untied output head; a tied checkpoint may still store it, equal to the embedding."""
+    shape = (config.vocab_size, config.d_model)
+    if not config.tie_embeddings:
+        top["head"] = t.take("lm_head.weight", shape).T
+    elif "lm_head.weight" in t and not np.array_equal(t.take("lm_head.weight", shape), top["embedding"]):
+        raise ValueError(f"{t.path}: tie_word_embeddings is set but lm_head.weight differs from the embedding")
 
 
 def _stack(layers: list[dict]) -> dict:

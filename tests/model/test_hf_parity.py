@@ -1,5 +1,7 @@
 """Logits parity with Hugging Face `transformers` models built from small random configs."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -75,3 +77,79 @@ def test_unsupported_checkpoint_is_refused(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="model_type 'bert'"):
         model.from_hf(tmp_path)
+
+
+def _saved_llama(tmp_path, **overrides):
+    hf_config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **overrides,
+    )
+    transformers.LlamaForCausalLM(hf_config).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def _saved_gpt2(tmp_path, **overrides):
+    hf_config = transformers.GPT2Config(vocab_size=96, n_positions=32, n_embd=64, n_layer=3, n_head=4, **overrides)
+    transformers.GPT2LMHeadModel(hf_config).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def _edit_config(directory, **fields):
+    config_file = directory / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **fields}))
+
+
+@pytest.mark.parametrize(
+    "save, overrides, message",
+    [
+        (_saved_llama, dict(hidden_act="gelu"), r"hidden_act='gelu' is not supported \(supported: 'silu'\)"),
+        (_saved_llama, dict(attention_bias=True), r"attention_bias=True is not supported"),
+        (_saved_llama, dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), r"rope_type 'linear' is not supported"),
+        (_saved_gpt2, dict(scale_attn_by_inverse_layer_idx=True), r"scale_attn_by_inverse_layer_idx=True is not supported"),
+        (_saved_gpt2, dict(activation_function="relu"), r"activation_function='relu' is not supported"),
+    ],
+)
+def test_config_fields_that_change_the_function_are_refused_by_name(tmp_path, save, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        model.from_hf(save(tmp_path, **overrides))
+
+
+def test_weights_of_more_layers_than_the_config_are_refused(tmp_path):
+    _edit_config(_saved_gpt2(tmp_path), n_layer=2)
+    with pytest.raises(ValueError, match=r"tensors the config does not use: transformer\.h\.2\.attn\.c_attn\.bias, .* and 4 more$"):
+        model.from_hf(tmp_path)
+
+
+def test_a_changed_width_names_the_tensor_and_both_shapes(tmp_path):
+    _edit_config(_saved_llama(tmp_path), hidden_size=96)
+    with pytest.raises(ValueError, match=r"tensor 'model.layers.0.input_layernorm.weight' has shape \(64,\); the config implies \(96,\)"):
+        model.from_hf(tmp_path)
+
+
+def test_a_vocabulary_size_mismatch_is_refused_at_load(tmp_path):
+    _edit_config(_saved_llama(tmp_path), vocab_size=100)
+    with pytest.raises(ValueError, match=r"tensor 'model.embed_tokens.weight' has shape \(96, 64\); the config implies \(100, 64\)"):
+        model.from_hf(tmp_path)
+
+
+def test_a_missing_tensor_is_named(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    _saved_llama(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"tensor 'model.layers.1.mlp.up_proj.weight' \(shape \(160, 64\)\) is missing"):
+        model.from_hf(tmp_path)
+
+
+def test_gpt2_with_an_untied_head_matches_transformers(tmp_path):
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(
+        vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=4, tie_word_embeddings=False,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    hf_model = transformers.GPT2LMHeadModel(hf_config).eval()
+    config, ours = _our_logits(tmp_path, hf_model)
+    assert not config.tie_embeddings
+    np.testing.assert_allclose(ours, _reference_logits(hf_model), atol=1e-4, rtol=0)
