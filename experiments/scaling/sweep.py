@@ -10,7 +10,8 @@ flops_6n, flops_6n_nonembed, budget, final_loss (validation loss over the whole
 validation split at the end), smoothed_loss (mean training loss over the last 5% of
 steps, at least 3 logged steps), workdir. The sweep is resumable: runs already in the
 table are skipped, a killed run resumes from its checkpoint, and runs finished elsewhere
-(from the printed commands) are collected without training.
+(from the printed commands) are collected without training. A plan with no runs is an
+error.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ import shlex
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 import model
 from experiments.scaling import plan
 from train import config as config_lib
 from train import pretrain
+from train.cli import run_program
 from train.metrics import read_metrics
 
 COLUMNS = (
@@ -39,11 +41,18 @@ COLUMNS = (
 )
 
 
+PLANNED_CONFIG = "planned_config.json"
+
+
 def model_for(sweep: ml_collections.ConfigDict, target_params: float) -> model.ModelConfig:
     return model.shape_for_params(target_params, **sweep.shape.to_dict())
 
 
 def planned_runs(sweep: ml_collections.ConfigDict) -> list[plan.PlannedRun]:
+    for key in ("budgets", "sizes", "token_counts"):
+        bad = [value for value in sweep.get(key, ()) if not value > 0]
+        if bad:
+            raise ValueError(f"config.{key}={tuple(sweep[key])}: {bad} not positive")
     tokens_per_step = sweep.train.train.batch_size * sweep.train.train.seq_len
 
     def shape_of(target):
@@ -99,14 +108,21 @@ def result_row(run: plan.PlannedRun, workdir: pathlib.Path) -> dict | None:
     }
 
 
-def run_sweep(sweep: ml_collections.ConfigDict, root: pathlib.Path, sweep_file: str | None = None) -> list[str]:
+def run_sweep(sweep: ml_collections.ConfigDict, root: pathlib.Path, print_commands: bool = False) -> list[str]:
     """Trains every planned run not yet in `<root>/runs.csv` and appends its row. With
-    `sweep_file` (the sweep's config path) nothing trains: returns one launch command per
-    unfinished run instead."""
-    root.mkdir(parents=True, exist_ok=True)
+    `print_commands` nothing trains: each unfinished run's resolved config is written to
+    `<root>/<run>/planned_config.json` and one launch command per run is returned, which
+    trains exactly that config (overrides given to the sweep included)."""
     runs = planned_runs(sweep)
+    if not runs:
+        raise ValueError(
+            f"the plan has no runs (config.budgets={tuple(sweep.get('budgets', ()))}, "
+            f"config.sizes={tuple(sweep.sizes)}, config.min_steps={sweep.get('min_steps')}): "
+            "every run was below min_steps or the lists are empty"
+        )
     for run in runs:  # every run's config is checked before the first one trains
         config_lib.validate(run_config(sweep, run), jax.device_count(), jax.process_count())
+    root.mkdir(parents=True, exist_ok=True)
     table = root / "runs.csv"
     done = set()
     if table.exists():
@@ -119,8 +135,8 @@ def run_sweep(sweep: ml_collections.ConfigDict, root: pathlib.Path, sweep_file: 
             continue
         workdir = root / run.name
         row = result_row(run, workdir)
-        if row is None and sweep_file is not None:
-            commands.append(launch_command(sweep_file, run, workdir))
+        if row is None and print_commands:
+            commands.append(launch_command(run_config(sweep, run), workdir))
             continue
         if row is None:
             pretrain.run(run_config(sweep, run), workdir)
@@ -134,27 +150,29 @@ def run_sweep(sweep: ml_collections.ConfigDict, root: pathlib.Path, sweep_file: 
     return commands
 
 
-def launch_command(sweep_file: str, run: plan.PlannedRun, workdir: pathlib.Path) -> str:
+def launch_command(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> str:
+    """Writes the run's resolved config beside its workdir's future files; the command
+    trains from it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    planned = workdir / PLANNED_CONFIG
+    planned.write_text(cfg.to_json(indent=1))
     return shlex.join([
-        "python", "-m", "train.pretrain",
-        f"--config=experiments/scaling/sweep_run.py:{sweep_file},{run.name}",
+        "python", "-m", "train.pretrain", f"--config=experiments/scaling/sweep_run.py:{planned}",
         f"--workdir={workdir}",
     ])
 
 
 def main(argv):
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    sweep_file = config_flags.get_config_filename(flags.FLAGS["config"]) if flags.FLAGS.print_commands else None
-    for command in run_sweep(flags.FLAGS.config, pathlib.Path(flags.FLAGS.workdir), sweep_file):
+    commands = run_sweep(flags.FLAGS.config, pathlib.Path(flags.FLAGS.workdir), flags.FLAGS.print_commands)
+    for command in commands:
         print(command)
 
 
 if __name__ == "__main__":
-    # Defined here rather than at import: `sweep_run.py` imports this module inside
-    # `train.pretrain`, which has flags of the same names.
+    # Defined here rather than at import: `train.pretrain` has flags of the same names.
     config_flags.DEFINE_config_file("config", None, "Sweep config file.", lock_config=True)
     flags.DEFINE_string("workdir", None, "Sweep directory (one subdirectory per run).")
     flags.DEFINE_bool("print_commands", False, "Print launch commands instead of training.")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    run_program(main)

@@ -1,22 +1,20 @@
-"""The pretraining config of one run of a sweep, for launching runs one by one on a cluster:
+"""The config of one run of a sweep, as the sweep resolved it, for launching runs one by one
+on a cluster:
 
-  python -m train.pretrain --config=experiments/scaling/sweep_run.py:<sweep config>,<run name> --workdir=...
+  python -m train.pretrain --config=experiments/scaling/sweep_run.py:<run workdir>/planned_config.json --workdir=<run workdir>
 
-`python -m experiments.scaling.sweep --print_commands` prints these lines.
+`python -m experiments.scaling.sweep --print_commands` writes each planned_config.json and
+prints these lines.
 """
 
-import importlib.util
+import json
+import pathlib
 
-from experiments.scaling.sweep import planned_runs, run_config
+import ml_collections
 
 
-def get_config(arg: str):
-    sweep_file, name = arg.rsplit(",", 1)
-    spec = importlib.util.spec_from_file_location("sweep_config", sweep_file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sweep = module.get_config()
-    for run in planned_runs(sweep):
-        if run.name == name:
-            return run_config(sweep, run)
-    raise ValueError(f"{sweep_file}: no run named {name!r}")
+def get_config(planned_config: str):
+    path = pathlib.Path(planned_config)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no planned config (run the sweep with --print_commands)")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))

@@ -1,6 +1,7 @@
 """The sweep driver with the real trainer: budgets, the results table, resuming, launch commands."""
 
 import csv
+import json
 import math
 import pathlib
 
@@ -88,16 +89,33 @@ def test_rerun_skips_finished_runs_and_collects_runs_finished_elsewhere(finished
     assert _table(root) == before
 
 
-def test_launch_commands_for_unfinished_runs_rebuild_each_run_config(finished):
+def test_launch_commands_reproduce_each_run_config_with_the_sweeps_overrides(finished):
     _, root, sweep_file, corpus, cache = finished
     config = _write_sweep(sweep_file, corpus, cache, [1e9, 2e9])
-    commands = sweep.run_sweep(config, root, sweep_file=str(sweep_file))
+    config.train.optimizer.lr = 1e-3  # as an override on the sweep's command line would
+    commands = sweep.run_sweep(config, root, print_commands=True)
     new_runs = [run for run in sweep.planned_runs(config) if run.budget == 2e9]
     assert len(commands) == len(new_runs) == 2
     for command, run in zip(commands, new_runs):
-        assert f"--config=experiments/scaling/sweep_run.py:{sweep_file},{run.name}" in command
-        rebuilt = sweep_run.get_config(f"{sweep_file},{run.name}")
-        assert rebuilt.to_dict() == sweep.run_config(config, run).to_dict()
-        assert rebuilt.train.steps == run.steps
-    with pytest.raises(ValueError, match="no run named 'nope'"):
-        sweep_run.get_config(f"{sweep_file},nope")
+        planned = root / run.name / sweep.PLANNED_CONFIG
+        assert f"--config=experiments/scaling/sweep_run.py:{planned} --workdir={root / run.name}" in command
+        rebuilt = sweep_run.get_config(str(planned))
+        assert json.loads(rebuilt.to_json()) == json.loads(sweep.run_config(config, run).to_json())
+        assert rebuilt.optimizer.lr == 1e-3 and rebuilt.train.steps == run.steps
+    with pytest.raises(FileNotFoundError, match="no planned config"):
+        sweep_run.get_config(str(root / "nope.json"))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(budgets=(1.0,)), r"the plan has no runs \(config.budgets=\(1.0,\)"),
+        (dict(sizes=(2e4, -5e4)), r"config.sizes=\(20000.0, -50000.0\): \[-50000.0\] not positive"),
+    ],
+)
+def test_an_empty_or_negative_plan_is_an_error(finished, tmp_path, change, message):
+    config = finished[0].copy_and_resolve_references()
+    config.update(change)
+    with pytest.raises(ValueError, match=message):
+        sweep.run_sweep(config, tmp_path / "sweep")
+    assert not (tmp_path / "sweep").exists()
