@@ -16,15 +16,21 @@ import numpy as np
 from experiments.scaling.laws import AllocationLaw, fit_allocation_law
 
 
-def group_budgets(flops, rel_tol: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
-    """(label per run, budget per label): runs whose C are within `rel_tol` of their
-    neighbour's share a budget (digitized or rounded budgets are not exactly equal).
-    Labels count up with C; a budget is the geometric mean of its runs' C."""
+def group_budgets(flops, rel_tol: float = 0.1, keys=None) -> tuple[np.ndarray, np.ndarray]:
+    """(label per run, budget per label). With `keys` (a sweep's planned budget per run) runs
+    with the same key share a budget; else runs whose C are within `rel_tol` of their
+    neighbour's do (digitized or rounded budgets are not exactly equal). Labels count up
+    with C; a budget is the geometric mean of its runs' C."""
     flops = np.asarray(flops, float)
-    order = np.argsort(flops)
-    gaps = np.diff(np.log(flops[order])) > np.log1p(rel_tol)
     labels = np.empty(len(flops), int)
-    labels[order] = np.concatenate([[0], np.cumsum(gaps)])
+    if keys is not None:
+        keys = np.asarray(keys)
+        distinct = sorted(set(keys), key=lambda key: np.mean(np.log(flops[keys == key])))
+        labels[:] = [distinct.index(key) for key in keys]
+    else:
+        order = np.argsort(flops)
+        gaps = np.diff(np.log(flops[order])) > np.log1p(rel_tol)
+        labels[order] = np.concatenate([[0], np.cumsum(gaps)])
     budgets = np.array([np.exp(np.mean(np.log(flops[labels == k]))) for k in range(labels.max() + 1)])
     return labels, budgets
 
@@ -38,18 +44,22 @@ class IsoflopMinimum:
     parabola: tuple[float, float, float]  # L = p0 (log N)^2 + p1 log N + p2
 
 
-def isoflop_minima(n_params, tokens, flops, loss, rel_tol: float = 0.1) -> list[IsoflopMinimum]:
-    """One minimum per budget with at least 3 distinct sizes and an upward-curving fit."""
+def isoflop_minima(n_params, tokens, flops, loss, rel_tol: float = 0.1, keys=None, dropped=None) -> list[IsoflopMinimum]:
+    """One minimum per budget with at least 3 distinct sizes and an upward-curving fit; the
+    other budgets are appended to `dropped` (when given) with the reason."""
     n_params, tokens, loss = (np.asarray(v, float) for v in (n_params, tokens, loss))
-    labels, budgets = group_budgets(flops, rel_tol)
+    labels, budgets = group_budgets(flops, rel_tol, keys)
+    dropped = [] if dropped is None else dropped
     minima = []
     for k, budget in enumerate(budgets):
         runs = labels == k
         log_n = np.log(n_params[runs])
         if len(np.unique(log_n)) < 3:
+            dropped.append({"flops": float(budget), "runs": int(runs.sum()), "reason": "fewer than 3 distinct sizes"})
             continue
         parabola = np.polyfit(log_n, loss[runs], 2)
         if parabola[0] <= 0:  # no interior minimum: the sizes do not bracket the optimum
+            dropped.append({"flops": float(budget), "runs": int(runs.sum()), "reason": "no interior minimum"})
             continue
         log_n_opt = -parabola[1] / (2 * parabola[0])
         log_d_line = np.polyfit(log_n, np.log(tokens[runs]), 1)
@@ -63,9 +73,13 @@ def isoflop_minima(n_params, tokens, flops, loss, rel_tol: float = 0.1) -> list[
     return minima
 
 
-def fit_approach2(n_params, tokens, flops, loss, rel_tol: float = 0.1) -> tuple[AllocationLaw, list[IsoflopMinimum]]:
-    minima = isoflop_minima(n_params, tokens, flops, loss, rel_tol)
+def fit_approach2(n_params, tokens, flops, loss, rel_tol: float = 0.1, keys=None, dropped=None) -> tuple[AllocationLaw, list[IsoflopMinimum]]:
+    dropped = [] if dropped is None else dropped
+    minima = isoflop_minima(n_params, tokens, flops, loss, rel_tol, keys, dropped)
     if len(minima) < 2:
-        raise ValueError(f"Approach 2 needs 2 or more IsoFLOP budgets with a minimum; found {len(minima)}")
+        raise ValueError(
+            f"Approach 2 needs 2 or more IsoFLOP budgets with a minimum; found {len(minima)} "
+            f"(budgets dropped: {dropped})"
+        )
     law = fit_allocation_law([m.flops for m in minima], [m.n_opt for m in minima], [m.d_opt for m in minima])
     return law, minima

@@ -8,7 +8,7 @@ Prints the fitted E, A, B, alpha, beta, a, b next to the published values and th
 objective at each, then why they differ (`DIFFERENCES`). The same fit from the command
 line, with plots: `python -m experiments.scaling.fit --input
 experiments/scaling/data/svg_extracted_data.csv --n-col "Model Size" --c-col
-"Training FLOP" --loss-col loss --exclude-top-loss 5 --approach 3`.
+"Training FLOP" --loss-col loss --exclude-top-loss 5 --approach 3 --plots-dir DIR`.
 
 Measured on the 2-core CPU (jax 0.10.2, shared with other jobs): E 1.8172, A 477.83,
 B 2143.4, alpha 0.34731, beta 0.36717 (a 0.5139, b 0.4861), objective 1.01827e-3, reached

@@ -31,10 +31,12 @@ class ExtrapolationCheck:
         }
 
 
-def extrapolation_check(fit: Callable, n_params, tokens, flops, loss, n_held_out_budgets: int = 1) -> ExtrapolationCheck:
+def extrapolation_check(
+    fit: Callable, n_params, tokens, flops, loss, n_held_out_budgets: int = 1, keys=None
+) -> ExtrapolationCheck:
     """`fit(n_params, tokens, loss)` returns a law with `.loss(n_params, tokens)`."""
     n_params, tokens, flops, loss = (np.asarray(v, float) for v in (n_params, tokens, flops, loss))
-    labels, budgets = group_budgets(flops)
+    labels, budgets = group_budgets(flops, keys=keys)
     if len(budgets) <= n_held_out_budgets:
         raise ValueError(f"{len(budgets)} budgets: cannot hold out {n_held_out_budgets} and fit on the rest")
     held_out = labels >= len(budgets) - n_held_out_budgets

@@ -1,6 +1,6 @@
 """Fit a scaling law to a results table, print it as JSON, and write the plots.
 
-    python -m experiments.scaling.fit --input runs/isoflop/results.csv --approach 3
+    python -m experiments.scaling.fit --input runs/isoflop/runs.csv --approach 3 --plots-dir runs/isoflop/fit3
     python -m experiments.scaling.fit --input experiments/scaling/data/svg_extracted_data.csv \\
         --n-col "Model Size" --c-col "Training FLOP" --loss-col loss --exclude-top-loss 5 --approach 3
 
@@ -9,8 +9,12 @@ Approaches: 1 (envelope of the loss curves in each run's workdir), 2 (IsoFLOP pa
 kaplan (joint L(N, D) of Kaplan et al., its limits L(N) and L(D), and L(C) on the lowest
 loss per budget).
 Column defaults are the sweep's table (`runs.DEFAULT_COLUMNS`); see `runs.py` for how D
-and C are derived when one is missing. PNGs go to --plots-dir (default: `plots/` next to
-the input), named `<approach>_<figure>.png`.
+and C are derived when one is missing; a sweep's `budget` column groups its IsoFLOP runs.
+Every cell used must be a positive number (an error names the line and column). A fit
+refuses fewer runs than it has parameters; budgets Approach 2 cannot use (fewer than 3
+sizes, no interior minimum) are listed under `dropped_budgets` and on stderr. PNGs are
+written only with --plots-dir, named `<approach>_<figure>.png`; a file there that an earlier
+fit did not write (`.written_by_fit` lists those) is never overwritten.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 from experiments.scaling import approach1, approach2, approach3, kaplan, plots, runs as runs_io, uncertainty
 from experiments.scaling.extrapolation import extrapolation_check
 from experiments.scaling.laws import PowerLaw
+from train.cli import exit_on_input_error
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,8 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--loss-col", help=f"loss column (default {runs_io.DEFAULT_COLUMNS['loss']})")
     parser.add_argument("--flops-6nd", action="store_true", help="use C = 6ND with the chosen N column")
     parser.add_argument("--exclude-top-loss", type=int, default=0, metavar="K", help="drop the K highest-loss runs")
-    parser.add_argument("--plots-dir", help="where the PNGs go (default: plots/ next to the input)")
-    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--plots-dir", help="write the PNGs into this directory (default: no plots)")
     parser.add_argument("--bootstrap", type=int, default=0, metavar="R", help="bootstrap resamples for intervals")
     parser.add_argument("--confidence", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
@@ -53,25 +57,54 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# Parameters of each fit: a fit to fewer runs than this interpolates them and says nothing.
+_PARAMETERS = {"3": 5, "kaplan": 4}
+_WRITTEN = ".written_by_fit"
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.holdout_budgets and args.approach not in ("3", "kaplan"):
+        raise ValueError(f"--holdout-budgets applies to approaches 3 and kaplan, not {args.approach}")
     runs = runs_io.load_runs(args.input, args.n_col, args.d_col, args.c_col, args.loss_col, args.flops_6nd)
     runs = runs.without_highest_loss(args.exclude_top_loss)
+    needed = _PARAMETERS.get(args.approach, 0) + 1
+    if len(runs.loss) < needed:
+        raise ValueError(
+            f"{args.input}: approach {args.approach} fits {needed - 1} parameters and needs at least "
+            f"{needed} runs; the table has {len(runs.loss)}"
+        )
     target = args.target_flops or float(runs.flops.max())
     result, figures = FITS[args.approach](runs, args, target)
     result["n_runs"] = len(runs.loss)
-    if not args.no_plots:
-        plots_dir = pathlib.Path(args.plots_dir or pathlib.Path(args.input).parent / "plots")
-        tag = "kaplan" if args.approach == "kaplan" else f"approach{args.approach}"
-        minima = approach2.isoflop_minima(runs.n_params, runs.tokens, runs.flops, runs.loss)
+    dropped = []
+    minima = approach2.isoflop_minima(runs.n_params, runs.tokens, runs.flops, runs.loss, keys=runs.budget_keys, dropped=dropped)
+    if args.approach == "2":
+        result["dropped_budgets"] = dropped
+        for budget in dropped:
+            print(f"approach 2: budget C={budget['flops']:.3g} ({budget['runs']} runs) dropped: {budget['reason']}", file=sys.stderr)
+    if args.plots_dir:
         if minima:
-            figures["isoflops"] = lambda path: plots.plot_isoflops(path, runs.n_params, runs.flops, runs.loss, minima)
-        for name, draw in figures.items():
-            draw(plots_dir / f"{tag}_{name}.png")
-        result["plots"] = sorted(str(plots_dir / f"{tag}_{name}.png") for name in figures)
+            figures["isoflops"] = lambda path: plots.plot_isoflops(path, runs.n_params, runs.flops, runs.loss, minima, runs.budget_keys)
+        tag = "kaplan" if args.approach == "kaplan" else f"approach{args.approach}"
+        result["plots"] = _write_plots(pathlib.Path(args.plots_dir), {f"{tag}_{name}.png": draw for name, draw in figures.items()})
     json.dump(result, sys.stdout, indent=2)
     print()
     return result
+
+
+def _write_plots(directory: pathlib.Path, figures: dict[str, Callable]) -> list[str]:
+    """Draws each figure into `directory`, refusing files there that no fit wrote."""
+    record = directory / _WRITTEN
+    ours = set(record.read_text().split()) if record.exists() else set()
+    foreign = sorted(name for name in figures if (directory / name).exists() and name not in ours)
+    if foreign:
+        raise ValueError(f"--plots-dir={directory}: would overwrite {foreign}, which no fit wrote; name another directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    record.write_text("\n".join(sorted(ours | set(figures))) + "\n")
+    for name, draw in figures.items():
+        draw(directory / name)
+    return sorted(str(directory / name) for name in figures)
 
 
 def _fit_approach1(runs, args, target) -> tuple[dict, dict[str, Callable]]:
@@ -87,7 +120,7 @@ def _fit_approach1(runs, args, target) -> tuple[dict, dict[str, Callable]]:
     grid = np.geomspace(envelope.flops.min(), envelope.flops.max(), 50)
     figures = {
         "frontier": lambda path: plots.plot_frontier(
-            path, runs.flops, runs.loss, {"envelope of the curves": (envelope.flops, envelope.loss)}),
+            path, runs.flops, runs.loss, keys=runs.budget_keys, lines={"envelope of the curves": (envelope.flops, envelope.loss)}),
         "n_opt": lambda path: plots.plot_optimal_size(
             path, envelope.flops, envelope.n_params, {f"Approach 1: N ~ C^{law.a:.3f}": (grid, law.compute_optimal(grid)[0])}),
     }
@@ -95,21 +128,24 @@ def _fit_approach1(runs, args, target) -> tuple[dict, dict[str, Callable]]:
 
 
 def _fit_approach2(runs, args, target) -> tuple[dict, dict[str, Callable]]:
-    law, minima = approach2.fit_approach2(runs.n_params, runs.tokens, runs.flops, runs.loss)
+    law, minima = approach2.fit_approach2(runs.n_params, runs.tokens, runs.flops, runs.loss, keys=runs.budget_keys)
     result = {
         **law.as_dict(), "target_flops": target, **_allocation_at(law, target),
         "minima": [{"flops": m.flops, "n_opt": m.n_opt, "d_opt": m.d_opt, "loss_opt": m.loss_opt} for m in minima],
     }
     if args.bootstrap:
         def fit(indices):
-            resampled, _ = approach2.fit_approach2(*(v[indices] for v in (runs.n_params, runs.tokens, runs.flops, runs.loss)))
+            keys = None if runs.budget_keys is None else runs.budget_keys[indices]
+            resampled, _ = approach2.fit_approach2(
+                *(v[indices] for v in (runs.n_params, runs.tokens, runs.flops, runs.loss)), keys=keys
+            )
             return {**resampled.as_dict(), **_allocation_at(resampled, target)}
         result["intervals"] = _intervals(fit, len(runs.loss), args)
     c_min = np.array([m.flops for m in minima])
     grid = np.geomspace(c_min.min(), max(c_min.max(), target), 50)
     figures = {
         "frontier": lambda path: plots.plot_frontier(
-            path, runs.flops, runs.loss, {"parabola minima": (c_min, [m.loss_opt for m in minima])}),
+            path, runs.flops, runs.loss, keys=runs.budget_keys, lines={"parabola minima": (c_min, [m.loss_opt for m in minima])}),
         "n_opt": lambda path: plots.plot_optimal_size(
             path, c_min, [m.n_opt for m in minima], {f"Approach 2: N ~ C^{law.a:.3f}": (grid, law.compute_optimal(grid)[0])}),
     }
@@ -131,14 +167,15 @@ def _fit_approach3(runs, args, target) -> tuple[dict, dict[str, Callable]]:
         result["intervals"] = uncertainty.percentile_intervals(samples, args.confidence)
     if args.holdout_budgets:
         check = extrapolation_check(lambda *n_d_loss: approach3.fit_approach3(*n_d_loss).law,
-                                    runs.n_params, runs.tokens, runs.flops, runs.loss, args.holdout_budgets)
+                                    runs.n_params, runs.tokens, runs.flops, runs.loss, args.holdout_budgets,
+                                    keys=runs.budget_keys)
         result["extrapolation"] = check.summary()
     grid = np.geomspace(runs.flops.min(), max(runs.flops.max(), target), 50)
     n_grid, d_grid = law.compute_optimal(grid)
-    minima = approach2.isoflop_minima(runs.n_params, runs.tokens, runs.flops, runs.loss)
+    minima = approach2.isoflop_minima(runs.n_params, runs.tokens, runs.flops, runs.loss, keys=runs.budget_keys)
     figures = {
         "frontier": lambda path: plots.plot_frontier(
-            path, runs.flops, runs.loss, {"fitted L at the compute-optimal N, D": (grid, law.loss(n_grid, d_grid))}),
+            path, runs.flops, runs.loss, keys=runs.budget_keys, lines={"fitted L at the compute-optimal N, D": (grid, law.loss(n_grid, d_grid))}),
         "fitted_vs_observed": lambda path: plots.plot_fitted_vs_observed(
             path, runs.loss, law.loss(runs.n_params, runs.tokens), runs.flops, "Approach 3: E + A/N^alpha + B/D^beta"),
         "n_opt": lambda path: plots.plot_optimal_size(
@@ -149,7 +186,7 @@ def _fit_approach3(runs, args, target) -> tuple[dict, dict[str, Callable]]:
 
 def _fit_kaplan(runs, args, target) -> tuple[dict, dict[str, Callable]]:
     joint = kaplan.fit_kaplan_law(runs.n_params, runs.tokens, runs.loss)
-    labels, budgets = approach2.group_budgets(runs.flops)
+    labels, budgets = approach2.group_budgets(runs.flops, keys=runs.budget_keys)
     lowest = np.array([runs.loss[labels == k].min() for k in range(len(budgets))])
     compute = kaplan.fit_power_law(budgets, lowest, irreducible=args.irreducible)
     result = {
@@ -165,12 +202,12 @@ def _fit_kaplan(runs, args, target) -> tuple[dict, dict[str, Callable]]:
         result["intervals"] = _intervals(fit, len(runs.loss), args)
     if args.holdout_budgets:
         check = extrapolation_check(kaplan.fit_kaplan_law, runs.n_params, runs.tokens, runs.flops, runs.loss,
-                                    args.holdout_budgets)
+                                    args.holdout_budgets, keys=runs.budget_keys)
         result["extrapolation"] = check.summary()
     grid = np.geomspace(budgets.min(), budgets.max(), 50)
     figures = {
         "frontier": lambda path: plots.plot_frontier(
-            path, runs.flops, runs.loss, {f"L(C) fit, exponent {compute.exponent:.3f}": (grid, compute.loss(grid))}),
+            path, runs.flops, runs.loss, keys=runs.budget_keys, lines={f"L(C) fit, exponent {compute.exponent:.3f}": (grid, compute.loss(grid))}),
         "fitted_vs_observed": lambda path: plots.plot_fitted_vs_observed(
             path, runs.loss, joint.loss(runs.n_params, runs.tokens), runs.flops, "Kaplan L(N, D)"),
     }
@@ -191,4 +228,4 @@ def _intervals(fit, n_runs: int, args) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_input_error(main)

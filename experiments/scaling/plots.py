@@ -28,9 +28,9 @@ def chinchilla_n_opt(flops):
     return np.sqrt(np.asarray(flops, float) / 120)
 
 
-def plot_isoflops(path, n_params, flops, loss, minima: list[IsoflopMinimum], rel_tol: float = 0.1) -> None:
+def plot_isoflops(path, n_params, flops, loss, minima: list[IsoflopMinimum], keys=None) -> None:
     """Loss against N per budget, each budget's parabola, and its minimum."""
-    labels, budgets = group_budgets(flops, rel_tol)
+    labels, budgets = group_budgets(flops, keys=keys)
     palette = _palette(budgets)
     fig, ax = _axes()
     n_params, loss = np.asarray(n_params, float), np.asarray(loss, float)
@@ -48,11 +48,11 @@ def plot_isoflops(path, n_params, flops, loss, minima: list[IsoflopMinimum], rel
     _save(fig, path)
 
 
-def plot_frontier(path, flops, loss, lines: Mapping[str, tuple] = ()) -> None:
+def plot_frontier(path, flops, loss, lines: Mapping[str, tuple] = (), keys=None) -> None:
     """Every run's loss against its compute, the lowest loss per budget, and `lines`
     (label -> (C, L)), e.g. a fitted law's compute-optimal loss or the curves' envelope."""
     flops, loss = np.asarray(flops, float), np.asarray(loss, float)
-    labels, budgets = group_budgets(flops)
+    labels, budgets = group_budgets(flops, keys=keys)
     lowest = [loss[labels == k].min() for k in range(len(budgets))]
     fig, ax = _axes()
     ax.scatter(flops, loss, s=12, color="0.6", label="runs")

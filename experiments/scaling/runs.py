@@ -35,18 +35,22 @@ class Runs:
     flops: np.ndarray
     loss: np.ndarray
     rows: list[dict]  # the table's rows as read, for columns the fit does not use
+    budget_keys: np.ndarray | None = None  # a sweep's planned budget per run: groups IsoFLOP runs
 
     def select(self, mask) -> "Runs":
         mask = np.asarray(mask)
         return Runs(
             self.n_params[mask], self.tokens[mask], self.flops[mask], self.loss[mask],
             [row for row, keep in zip(self.rows, mask) if keep],
+            None if self.budget_keys is None else self.budget_keys[mask],
         )
 
     def without_highest_loss(self, k: int) -> "Runs":
         """Drops the k highest-loss runs (Epoch AI's outlier rule for the Chinchilla data)."""
         if k <= 0:
             return self
+        if k >= len(self.loss):
+            raise ValueError(f"--exclude-top-loss={k} would leave none of the {len(self.loss)} runs")
         return self.select(np.argsort(np.argsort(-self.loss)) >= k)
 
 
@@ -64,7 +68,10 @@ def load_runs(path, n_col=None, d_col=None, c_col=None, loss_col=None, flops_6nd
         if name is not None and name not in header:
             raise ValueError(f"{path}: no column {name!r}; columns are {list(header)}")
         name = name or default
-        return np.array([float(row[name]) for row in rows]) if name in header else None
+        if name not in header:
+            return None
+        # Line 1 is the header: row i is on line i + 2.
+        return np.array([_positive(path, line, name, row[name]) for line, row in enumerate(rows, start=2)])
 
     n = column(n_col, DEFAULT_COLUMNS["n"])
     loss = column(loss_col, DEFAULT_COLUMNS["loss"])
@@ -76,7 +83,23 @@ def load_runs(path, n_col=None, d_col=None, c_col=None, loss_col=None, flops_6nd
         raise ValueError(f"{path}: needs a D (tokens) or a C (FLOPs) column; columns are {list(header)}")
     d = c / (6 * n) if d is None else d
     c = 6 * n * d if c is None else c
-    return Runs(n_params=n, tokens=d, flops=c, loss=loss, rows=rows)
+    # A sweep's table groups its IsoFLOP runs by planned budget, whatever the C accounting.
+    keys = np.array([row["budget"] for row in rows]) if "budget" in header and all(row["budget"] for row in rows) else None
+    return Runs(n_params=n, tokens=d, flops=c, loss=loss, rows=rows, budget_keys=keys)
+
+
+def _positive(path, line: int, column: str, cell: str | None) -> float:
+    """A cell as a positive finite number: N, D, C and losses are all positive."""
+    where = f"{path}, line {line}, column {column!r}"
+    if cell is None or not cell.strip():
+        raise ValueError(f"{where}: empty cell")
+    try:
+        value = float(cell)
+    except ValueError:
+        raise ValueError(f"{where}: {cell!r} is not a number") from None
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"{where}: {cell!r} must be a positive finite number")
+    return value
 
 
 def load_curve(metrics_path, n_params: float, tokens: float, flops: float, loss_key: str = "loss",
