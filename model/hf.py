@@ -196,7 +196,7 @@ def _head(config: ModelConfig, t: _Tensors, top: dict) -> None:
     """The untied output head; a tied checkpoint may still store it, equal to the embedding."""
     shape = (config.vocab_size, config.d_model)
     if not config.tie_embeddings:
-        top["head"] = t.take("lm_head.weight", shape).T
+        top["head"] = t.take("lm_head.weight", shape)
     elif "lm_head.weight" in t and not np.array_equal(t.take("lm_head.weight", shape), top["embedding"]):
         raise ValueError(f"{t.path}: tie_word_embeddings is set but lm_head.weight differs from the embedding")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 
@@ -12,15 +13,18 @@ log = logging.getLogger(__name__)
 
 
 def _is_abandoned_read(unraisable) -> bool:
-    return isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == (
-        "Event loop is closed"
-    )
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+        return True
+    # A read coroutine of orbax's that failed after the restore had already given up.
+    coroutine = unraisable.object
+    return inspect.iscoroutine(coroutine) and "orbax" in coroutine.cr_code.co_filename
 
 
 def _silence_abandoned_reads() -> None:
     """When one array of a checkpoint fails to read, orbax gives up and closes its event loop
     while tensorstore goes on reading the others; each of those reads then prints an 'Event
-    loop is closed' traceback and asyncio logs its unretrieved error, dozens per checkpoint.
+    loop is closed' traceback (or, its coroutine abandoned, an 'Exception ignored in')
+    and asyncio logs its unretrieved error, dozens per checkpoint.
     The warning of `restore_latest` already says what failed."""
     previous_hook = sys.unraisablehook
     if getattr(previous_hook, "silences_abandoned_reads", False):
@@ -70,7 +74,8 @@ class Checkpointer:
     def restore_latest(self, abstract_state, data_iterator):
         """(state, step) of the newest checkpoint that restores, or None if there is none.
         `data_iterator` is restored in place. Unreadable checkpoints newer than the one
-        restored are deleted, so that the run can save those steps again."""
+        restored are deleted, so that the run can save those steps again; if none restores
+        (a state of another shape), nothing is deleted and the run stops."""
         _silence_abandoned_reads()
         unreadable = []
         for step in sorted(self._manager.all_steps(), reverse=True):
@@ -92,6 +97,12 @@ class Checkpointer:
             for bad in unreadable:
                 self._manager.delete(bad)
             return restored.state, step
+        if unreadable:  # starting afresh would let keep-N delete a run this code cannot read
+            raise ValueError(
+                f"{self.directory}: none of the checkpoints {sorted(unreadable)} can be restored "
+                "(see the warnings above); nothing was changed. Start the run in another workdir, or "
+                "delete the checkpoints to start over there"
+            )
         return None
 
     def restore_state(self, abstract_state):

@@ -30,7 +30,7 @@ def test_every_parameter_gets_a_sharding_from_the_table():
     assert shardings["layers"]["attn"]["q"].spec == P(None, "fsdp", "tensor", None)
     assert shardings["layers"]["mlp"]["down"].spec == P(None, "tensor", "fsdp")
     assert shardings["embedding"].spec == P("tensor", "fsdp")
-    assert shardings["head"].spec == P("fsdp", "tensor")
+    assert shardings["head"].spec == P("tensor", "fsdp")
     # Changing the table changes the layout, not the model code.
     with sharding.axis_rules((("embed", "tensor"), ("heads", "fsdp"))):
         assert sharding.param_shardings(model.param_specs(CONFIG), mesh)["layers"]["attn"]["q"].spec == (

@@ -90,7 +90,7 @@ def test_hidden_states_through_the_head_give_the_logits(name):
     hidden = model.hidden_states(config, params, tokens, segment_ids=segment_ids)
     assert hidden.shape == (2, 9, config.d_model)
     head = np.asarray(model.head_weights(config, params), np.float64)
-    expected = np.asarray(hidden, np.float64) @ (head.T if config.tie_embeddings else head)
+    expected = np.asarray(hidden, np.float64) @ head.T
     logits = model.forward(config, params, tokens, segment_ids=segment_ids)
     np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=1e-5)
     np.testing.assert_array_equal(model.output_logits(config, model.head_weights(config, params), hidden), logits)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import grain
+import pytest
 import jax.numpy as jnp
 import numpy as np
 
@@ -110,3 +111,11 @@ def test_a_truncated_checkpoint_gives_one_warning_line(tmp_path):
     assert lines[0].startswith(warning), lines[0]
     assert "manifest.ocdbt" in lines[0] and "tensorstore_spec" not in lines[0]
     assert len(lines) == 1, completed.stderr
+
+
+def test_a_run_whose_checkpoints_all_fail_to_restore_stops_and_keeps_them(tmp_path):
+    _save_three(tmp_path)
+    other_shape = {"w": jnp.zeros((4,)), "step": jnp.asarray(0)}
+    with pytest.raises(ValueError, match=r"none of the checkpoints \[1, 2, 3\] can be restored .* nothing was changed"):
+        Checkpointer(tmp_path, keep=3).restore_latest(other_shape, _iterator())
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["1", "2", "3"]
