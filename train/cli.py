@@ -22,7 +22,7 @@ _PACKAGES = tuple(_PROJECT / name for name in ("align", "data", "experiments", "
 _REPORTED = (ValueError, KeyError, OSError, RuntimeError)
 
 
-def raised_by_this_project(error: BaseException) -> bool:
+def _raised_by_this_project(error: BaseException) -> bool:
     """Whether the innermost frame of the error's traceback is in this project's code: a
     `raise` of ours that names the input, rather than a failure inside a library."""
     traceback = error.__traceback__
@@ -34,7 +34,7 @@ def raised_by_this_project(error: BaseException) -> bool:
     return any(path.is_relative_to(package) for package in _PACKAGES)
 
 
-def message(error: BaseException) -> str:
+def _message(error: BaseException) -> str:
     # str(KeyError) is the repr of its argument: quotes and escaped newlines.
     text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
     return str(text)
@@ -45,16 +45,16 @@ def exit_on_input_error(function: Callable[[], object]) -> object:
     try:
         return function()
     except _REPORTED as error:
-        if not raised_by_this_project(error):
+        if not _raised_by_this_project(error):
             raise
-        sys.exit(f"error: {message(error)}")
+        sys.exit(f"error: {_message(error)}")
 
 
 def _config_error(error: BaseException, argv: list[str]) -> str:
     """One line for a config file or override that ml_collections could not apply."""
     for cause in (error, error.__context__):
         if isinstance(cause, KeyError):
-            quoted_key, *suggestion = message(cause).split("\n", 1)
+            quoted_key, *suggestion = _message(cause).split("\n", 1)
             key = quoted_key.strip("'")
             override = next(
                 (arg for arg in argv if key in arg.split("=", 1)[0].split(".")[1:]), "an override"
@@ -63,7 +63,7 @@ def _config_error(error: BaseException, argv: list[str]) -> str:
     if "Failed loading config file" in str(error):
         config_file = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")), "")
         return f"--config={config_file}: {str(error).splitlines()[-1].strip()}"
-    return f"{type(error).__name__}: {message(error)}"
+    return f"{type(error).__name__}: {_message(error)}"
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -96,6 +96,14 @@ class MetricsWriter:
             self._tb.close()
 
 
+def tensorboard_text(workdir: pathlib.Path, tag: str, text: str, step: int) -> None:
+    """`text` under `tag` in the run's TensorBoard (its Text tab), verbatim."""
+    from tensorboardX import SummaryWriter
+
+    with SummaryWriter(str(workdir / "tensorboard")) as writer:
+        writer.add_text(tag, "```\n" + text + "\n```", step)
+
+
 def _plain(value):
     value = value.item() if hasattr(value, "item") else value
     return float(value) if isinstance(value, float) else value

@@ -27,7 +27,7 @@ from train import config as config_lib
 from train import cli, loop
 from train import workdir as workdir_lib
 from train.loop import NonFiniteError, global_batch
-from train.metrics import plot_loss_curve
+from train.metrics import plot_loss_curve, tensorboard_text
 from train.optimizer import make_optimizer
 from train.state import abstract_state, create_state
 from train.step import compile_steps
@@ -137,6 +137,7 @@ def write_samples(cfg, model_config, params, corpus, workdir: pathlib.Path) -> N
             lines.append(f"--- {label} | prompt {prompt!r}\n{prompt}{out}\n")
     text = "\n".join(lines)
     (workdir / "samples.txt").write_text(text)
+    tensorboard_text(workdir, "samples", text, cfg.train.steps)
     print(text)
 
 

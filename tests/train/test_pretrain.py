@@ -87,7 +87,12 @@ def test_loss_decreases_and_outputs_are_written(uninterrupted):
     assert final["eval_bits_per_byte"] == pytest.approx(final["eval_loss"] / np.log(2) / bytes_per_token, rel=1e-6)
     for name in ("loss_curve.png", "samples.txt", "config.json"):
         assert (workdir / name).stat().st_size > 0
-    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    from tests.train.test_metrics import _events
+
+    texts = {v.tag: v.tensor.string_val[0].decode() for e in _events(workdir / "tensorboard") for v in e.summary.value
+             if v.tag.endswith("text_summary")}
+    assert (workdir / "samples.txt").read_text() in texts["samples/text_summary"]
+    assert '"steps": 60' in texts["config/text_summary"]
 
 
 def test_killed_run_resumes_on_the_same_trajectory(uninterrupted, corpus_dir, tmp_path):
