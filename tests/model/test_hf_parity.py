@@ -153,3 +153,34 @@ def test_gpt2_with_an_untied_head_matches_transformers(tmp_path):
     config, ours = _our_logits(tmp_path, hf_model)
     assert not config.tie_embeddings
     np.testing.assert_allclose(ours, _reference_logits(hf_model), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "family, tie",
+    [("gpt2", True), ("gpt2", False), ("llama", False), ("llama", True)],
+)
+def test_export_loads_in_transformers_with_the_same_logits_and_reimports_identically(tmp_path, family, tie):
+    import jax
+
+    from model.export import to_hf
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        hf_model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=4, tie_word_embeddings=tie,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        ))
+    else:
+        hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
+        ))
+    hf_model.save_pretrained(tmp_path / "original")
+    config, params = model.from_hf(tmp_path / "original")
+    to_hf(config, params, tmp_path / "exported")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    ours = np.asarray(model.forward(config, params, TOKENS))
+    np.testing.assert_allclose(_reference_logits(exported), ours, atol=1e-4, rtol=0)
+    config_again, params_again = model.from_hf(tmp_path / "exported")
+    assert config_again == config
+    jax.tree.map(np.testing.assert_array_equal, params_again, params)

@@ -208,3 +208,29 @@ def test_evaluate_scores_any_files_with_the_runs_checkpoint_and_tokenizer(uninte
     np.testing.assert_allclose(result["loss"], nats / targets, rtol=1e-5)
     text_bytes = sum(len(t.encode()) for t in texts)
     np.testing.assert_allclose(result["bits_per_byte"], nats / np.log(2) / text_bytes, rtol=1e-5)
+
+
+def test_export_command_writes_a_model_and_tokenizer_transformers_loads(uninterrupted, tmp_path):
+    import torch
+    import transformers
+
+    from align import source
+    from model import sharding
+
+    workdir = uninterrupted[0]
+    out = tmp_path / "hf"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-m", "model.export", f"--workdir={workdir}", f"--out={out}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    start = source.from_workdir(workdir)
+    text = "import os\nprint(os.getcwd())\n"
+    ids = tokenizer(text)["input_ids"]
+    assert ids == [start.tokenizer.bos_id] + start.tokenizer.encode([text])[0]
+    params = jax.device_get(start.load_params(sharding.make_mesh((-1, 1, 1), model_config=start.model_config)))
+    ours = np.asarray(model.forward(start.model_config, params, np.asarray([ids])))
+    with torch.no_grad():
+        theirs = hf_model(torch.tensor([ids])).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
