@@ -69,6 +69,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.async_save = True
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # A Hugging Face model directory (config.json + safetensors + tokenizer.model) to start
+    # from: its architecture replaces config.model (dtype, remat and scan_layers stay), its
+    # SentencePiece model becomes data.tokenizer.path.
+    c.init = ml_collections.ConfigDict({"from_hf": ""})
 
     c.sample = ml_collections.ConfigDict()
     c.sample.prompts = ("def ", "import numpy as np\n", "class ")

@@ -11,6 +11,7 @@ one, data iterator included.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -60,6 +61,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str
     """Train as configured; returns the final evaluation metrics."""
     sharding.initialize_distributed()
     is_primary = jax.process_index() == 0
+    imported = None
+    if cfg.init.from_hf:
+        cfg, imported = _from_hf(cfg)
     config_lib.validate(cfg, jax.device_count(), jax.process_count())
     model_config = config_lib.model_config(cfg)
     mesh = sharding.make_mesh(cfg.mesh.to_dict(), model_config=model_config)
@@ -101,7 +105,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str
             corpus, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size // jax.process_count(),
             seed=cfg.train.seed, shard_index=jax.process_index(), shard_count=jax.process_count(),
         ),
-        new_state=lambda: create_state(model_config, optimizer, mesh, cfg.train.seed),
+        new_state=lambda: create_state(model_config, optimizer, mesh, cfg.train.seed, imported),
         abstract_state=abstract_state(optimizer, mesh, model.abstract_params(model_config)),
         tokens_per_step=tokens_per_step,
         flops_per_step=flops * tokens_per_step,
@@ -119,6 +123,23 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str
             f"files in {workdir}"
         )
     return result.last_eval
+
+
+def _from_hf(cfg: ml_collections.ConfigDict):
+    """(cfg with the imported architecture and tokenizer, the imported parameters)."""
+    directory = pathlib.Path(cfg.init.from_hf)
+    tokenizer = directory / "tokenizer.model"
+    if not tokenizer.is_file():
+        raise FileNotFoundError(f"init.from_hf={str(directory)!r}: no tokenizer.model (SentencePiece) there")
+    imported_config, params = model.from_hf(directory)
+    cfg = cfg.copy_and_resolve_references()
+    kept = {k: cfg.model[k] for k in ("dtype", "param_dtype", "remat", "scan_layers")}
+    cfg.model = ml_collections.ConfigDict({**dataclasses.asdict(imported_config), **kept})
+    if not kept["scan_layers"]:
+        layers = params.pop("layers")
+        params.update({f"layer_{i}": jax.tree.map(lambda a: a[i], layers) for i in range(imported_config.n_layers)})
+    cfg.data.tokenizer.path = str(tokenizer)
+    return cfg, params
 
 
 def write_samples(cfg, model_config, params, corpus, workdir: pathlib.Path) -> None:

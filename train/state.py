@@ -76,14 +76,15 @@ def abstract_state(optimizer, mesh: Mesh, params_boxed, frozen_boxed=None) -> Tr
     )
 
 
-def create_state(config: model.ModelConfig, optimizer, mesh: Mesh, seed: int) -> TrainState:
-    """A freshly initialized model's state, created directly in its shards (no full copy on
-    one device). The seed's first half initializes the parameters."""
+def create_state(config: model.ModelConfig, optimizer, mesh: Mesh, seed: int, params=None) -> TrainState:
+    """A fresh state, created directly in its shards (no full copy on one device): of the
+    given `params` (imported weights), else of a model the seed's first half initializes."""
     init_key, state_seed = jax.random.split(jax.random.key(seed))
 
-    def create():
-        params = model.init_params(config, init_key)
+    def create(params):
+        if params is None:
+            params = model.init_params(config, init_key)
         return init_state(params, optimizer, 0).replace(rng=jax.random.key_data(state_seed))
 
     shardings = state_shardings(optimizer, mesh, model.abstract_params(config))
-    return jax.jit(create, out_shardings=shardings)()
+    return jax.jit(create, out_shardings=shardings)(params)

@@ -234,3 +234,23 @@ def test_export_command_writes_a_model_and_tokenizer_transformers_loads(uninterr
     with torch.no_grad():
         theirs = hf_model(torch.tensor([ids])).logits.numpy()
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+
+
+def test_pretraining_starts_from_imported_weights_with_their_tokenizer(uninterrupted, corpus_dir, tmp_path):
+    from align import source
+    from model import sharding
+    from model.export import to_hf
+
+    workdir, cache, final = uninterrupted
+    start = source.from_workdir(workdir)
+    params = start.load_params(sharding.make_mesh((-1, 1, 1), model_config=start.model_config))
+    to_hf(start.model_config, params, tmp_path / "hf", workdir / "tokenizer.model")
+    cfg = tiny_config(corpus_dir, cache, steps=6)
+    cfg.model.d_model = 48  # replaced by the imported architecture
+    cfg.init.from_hf = str(tmp_path / "hf")
+    pretrain.run(cfg, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["model"]["d_model"] == 32 and saved["data"]["tokenizer"]["path"] == str(tmp_path / "hf" / "tokenizer.model")
+    first = _losses(tmp_path / "run")[1]
+    assert first < np.log(512) - 1.0  # a fresh model starts near log V; the imported one near its final loss
+    assert first == pytest.approx(_losses(workdir)[STEPS], abs=0.5)
