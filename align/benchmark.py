@@ -80,7 +80,7 @@ def main(argv):
             cases.append((name, *_method_step(c, config, mesh, builder), batch))
         for name, step, state, batch in cases:
             compiled_memory = step.lower(state, batch).compile().memory_analysis()
-            _, times = time_steps(step, state, batch, FLAGS.steps)
+            _, times, _ = time_steps(step, state, batch, FLAGS.steps)
             results.append((name, statistics.median(times), compiled_memory.temp_size_in_bytes))
 
     counts = model.param_counts(config)

@@ -36,7 +36,7 @@ _LAYERS = flags.DEFINE_integer("n_layer", 6, "Layers.")
 _HEADS = flags.DEFINE_integer("n_head", 6, "Attention heads.")
 _WIDTH = flags.DEFINE_integer("n_embd", 384, "Model width.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 65, "Vocabulary.")
-# --batch_size, --seq_len and --steps are train.benchmark's.
+# --batch_size, --seq_len, --steps and --attention are train.benchmark's.
 FLAGS = flags.FLAGS
 
 _OPTIMIZER = dict(
@@ -49,7 +49,7 @@ def ours(batch_size: int, seq_len: int, steps: int) -> float:
     config = model.get_config(
         "gpt2-124m", dtype="float32", max_seq_len=max(seq_len, 1024), n_layers=_LAYERS.value,
         n_heads=_HEADS.value, n_kv_heads=_HEADS.value, d_model=_WIDTH.value, d_ff=4 * _WIDTH.value,
-        vocab_size=_VOCAB.value,
+        vocab_size=_VOCAB.value, attention=FLAGS.attention,
     )
     mesh = sharding.make_mesh((-1, 1, 1), model_config=config)
     optimizer = make_optimizer(ml_collections.ConfigDict(_OPTIMIZER), total_steps=1000)
@@ -57,7 +57,7 @@ def ours(batch_size: int, seq_len: int, steps: int) -> float:
     batch = synthetic_batch(batch_size, seq_len, config.vocab_size, 1)
     with jax.set_mesh(mesh):
         state = create_state(config, optimizer, mesh, seed=0)
-        _, times = time_steps(train_step, state, batch, steps)
+        _, times, _ = time_steps(train_step, state, batch, steps)
     return statistics.median(times)
 
 

@@ -11,6 +11,8 @@ import math
 
 import jax.numpy as jnp
 
+from model import attention
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -34,6 +36,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs, recompute the rest)
     scan_layers: bool = True
+    attention: str = "auto"  # model/attention.py: "auto" | "xla" | "blockwise" | "pallas_gpu" | "splash_tpu"
 
     def __post_init__(self):
         choices = {
@@ -43,6 +46,7 @@ class ModelConfig:
             "remat": ("none", "full", "dots"),
             "dtype": ("float32", "bfloat16", "float16"),
             "param_dtype": ("float32", "bfloat16"),
+            "attention": attention.IMPLEMENTATIONS,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

@@ -17,6 +17,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from model.attention import attend
 from model.config import ModelConfig
 from model.sharding import constrain, param_shardings
 
@@ -77,7 +78,7 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, mask_BTS, kv_cache, cache_index):
+    def __call__(self, x_BTD, positions_BT, attention_inputs, kv_cache, layer, cache_index):
         c = self.config
         D, N, K, H = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
         dt = c.compute_dtype
@@ -102,18 +103,19 @@ class Attention(nn.Module):
         v_BTKH = constrain(v_BTKH, ("batch", "length", "kv_heads", "head_dim"))
 
         if kv_cache is not None:
-            start = (0, cache_index, 0, 0)
-            k_BSKH = jax.lax.dynamic_update_slice(kv_cache["k"], k_BTKH.astype(kv_cache["k"].dtype), start)
-            v_BSKH = jax.lax.dynamic_update_slice(kv_cache["v"], v_BTKH.astype(kv_cache["v"].dtype), start)
-            kv_cache = {"k": k_BSKH, "v": v_BSKH}
-            k_BTKH, v_BTKH = k_BSKH.astype(dt), v_BSKH.astype(dt)
+            # The new keys and values are written into the whole stack's cache in place
+            # (`layer` indexes its leading axis), so a decode step copies no cache.
+            start = (layer, 0, cache_index, 0, 0)
+            kv_cache = {
+                name: jax.lax.dynamic_update_slice(kv_cache[name], new[None].astype(kv_cache[name].dtype), start)
+                for name, new in (("k", k_BTKH), ("v", v_BTKH))
+            }
+            k_BTKH, v_BTKH = kv_cache["k"][layer].astype(dt), kv_cache["v"][layer].astype(dt)
 
-        # Without a mask, `is_causal` lets the GPU use the fused cuDNN kernel.
-        out_BTNH = jax.nn.dot_product_attention(
-            q_BTNH, k_BTKH, v_BTKH,
-            mask=None if mask_BTS is None else mask_BTS[:, None],
-            is_causal=mask_BTS is None,
-        )
+        if kv_cache is None:  # attention_inputs: segment ids [B, T] or None
+            out_BTNH = attend(q_BTNH, k_BTKH, v_BTKH, attention_inputs, implementation=c.attention)
+        else:  # attention_inputs: the mask [B, T, S] over the cache's slots
+            out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=attention_inputs[:, None])
         out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, w_o.astype(dt))
         if c.use_bias:
             out_BTD += _param(self, "o_bias", (D,), ("embed",), nn.initializers.zeros).astype(dt)
@@ -150,21 +152,25 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, mask_BTS, kv_cache, cache_index):
+    def __call__(self, carry, positions_BT, attention_inputs, layer, cache_index):
+        """`carry` is (x_BTD, the KV cache of every layer or None); `layer` this block's index."""
         c = self.config
+        x_BTD, kv_cache = carry
         h_BTD, kv_cache = Attention(c, name="attn")(
-            Norm(c, name="attn_norm")(x_BTD), positions_BT, mask_BTS, kv_cache, cache_index
+            Norm(c, name="attn_norm")(x_BTD), positions_BT, attention_inputs, kv_cache, layer, cache_index
         )
         x_BTD = x_BTD + h_BTD
         x_BTD = x_BTD + Mlp(c, name="mlp")(Norm(c, name="mlp_norm")(x_BTD))
-        return constrain(x_BTD, ("batch", "length", "embed")), kv_cache
+        return (constrain(x_BTD, ("batch", "length", "embed")), kv_cache), None
 
 
 class Transformer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BT, positions_BT, mask_BTS, kv_cache=None, cache_index=None, with_head=True):
+    def __call__(self, tokens_BT, positions_BT, attention_inputs, kv_cache=None, cache_index=None, with_head=True):
+        """`attention_inputs`: without a cache, the segment ids [B, T] (None: one causal
+        sequence per row); with one, the mask [B, T, S] over its slots."""
         c = self.config
         D, V = c.d_model, c.vocab_size
         embedding = _param(self, "embedding", (V, D), ("vocab", "embed"), _dense_init(c))
@@ -177,6 +183,7 @@ class Transformer(nn.Module):
         block = Block
         if c.remat != "none":
             block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+        carry = (x_BTD, kv_cache)
         if c.scan_layers:
             layers = nn.scan(
                 block,
@@ -186,17 +193,11 @@ class Transformer(nn.Module):
                 length=c.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(c, name="layers")
-            x_BTD, kv_cache = layers(x_BTD, positions_BT, mask_BTS, kv_cache, cache_index)
+            carry, _ = layers(carry, positions_BT, attention_inputs, jnp.arange(c.n_layers), cache_index)
         else:
-            new_caches = []
             for i in range(c.n_layers):
-                layer_cache = None if kv_cache is None else jax.tree.map(lambda a: a[i], kv_cache)
-                x_BTD, layer_cache = block(c, name=f"layer_{i}")(
-                    x_BTD, positions_BT, mask_BTS, layer_cache, cache_index
-                )
-                new_caches.append(layer_cache)
-            if kv_cache is not None:
-                kv_cache = jax.tree.map(lambda *a: jnp.stack(a), *new_caches)
+                carry, _ = block(c, name=f"layer_{i}")(carry, positions_BT, attention_inputs, i, cache_index)
+        x_BTD, kv_cache = carry
 
         x_BTD = Norm(c, name="final_norm")(x_BTD)
         if c.tie_embeddings:
@@ -244,23 +245,19 @@ def _attention_mask(query_segments_BT, key_segments_BS, query_slots_T):
     return causal_TS[None] & same_segment_BTS
 
 
-def _inputs(tokens_BT, segment_ids, positions):
-    mask_BTS = None
+def _positions(tokens_BT, segment_ids, positions):
+    if positions is not None:
+        return positions
     if segment_ids is not None:
-        T = tokens_BT.shape[1]
-        mask_BTS = _attention_mask(segment_ids, segment_ids, jnp.arange(T))
-        if positions is None:
-            positions = positions_from_segments(segment_ids)
-    if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
-    return positions, mask_BTS
+        return positions_from_segments(segment_ids)
+    return jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
 
 
 def forward(config: ModelConfig, params, tokens_BT, *, segment_ids=None, positions=None):
     """Logits [B, T, V] in float32. With `segment_ids` (packed sequences; 0 marks padding)
     no token attends across segments, and positions restart in each segment."""
-    positions, mask_BTS = _inputs(tokens_BT, segment_ids, positions)
-    logits, _ = Transformer(config).apply({"params": params}, tokens_BT, positions, mask_BTS)
+    positions = _positions(tokens_BT, segment_ids, positions)
+    logits, _ = Transformer(config).apply({"params": params}, tokens_BT, positions, segment_ids)
     return logits
 
 
@@ -268,9 +265,9 @@ def hidden_states(config: ModelConfig, params, tokens_BT, *, segment_ids=None, p
     """Final normalized hidden states [B, T, D] in the compute dtype: what the output head,
     and the scalar heads of reward and value models, read. `output_logits(config,
     head_weights(config, params), hidden)` equals `forward`."""
-    positions, mask_BTS = _inputs(tokens_BT, segment_ids, positions)
+    positions = _positions(tokens_BT, segment_ids, positions)
     hidden, _ = Transformer(config).apply(
-        {"params": params}, tokens_BT, positions, mask_BTS, with_head=False
+        {"params": params}, tokens_BT, positions, segment_ids, with_head=False
     )
     return hidden
 

@@ -32,6 +32,8 @@ _SEQ = flags.DEFINE_integer("seq_len", 1024, "Sequence length.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype.")
 _REMAT = flags.DEFINE_enum("remat", "none", ["none", "full", "dots"], "Remat policy.")
 _SCAN = flags.DEFINE_bool("scan_layers", True, "Scan over layers.")
+_ATTENTION = flags.DEFINE_enum("attention", "auto", model.attention.IMPLEMENTATIONS, "Attention kernel (model/attention.py).")
+_LOSS_CHUNK = flags.DEFINE_integer("loss_chunk", 0, "Positions per piece of the chunked head and loss (0: all).", lower_bound=0)
 _MICRO = flags.DEFINE_integer("microbatches", 1, "Gradient-accumulation micro-batches.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after two warm-up steps).")
 _DOCS = flags.DEFINE_integer("documents_per_row", 1, "Packed documents per row (segment ids).")
@@ -94,8 +96,8 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, documents_pe
 
 
 def time_steps(step, state, batch, steps: int):
-    """(compile seconds, per-step seconds) of a compiled update: two warm-up steps, then
-    `steps` timed ones, each waited for."""
+    """(compile seconds, per-step seconds, the compiled step's memory analysis) of a compiled
+    update: two warm-up steps, then `steps` timed ones, each waited for."""
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
@@ -109,13 +111,13 @@ def time_steps(step, state, batch, steps: int):
         state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
-    return compile_s, times
+    return compile_s, times, compiled.memory_analysis()
 
 
 def main(argv):
     del argv
     config = model.get_config(
-        _PRESET.value, dtype=_DTYPE.value, remat=_REMAT.value, scan_layers=_SCAN.value,
+        _PRESET.value, dtype=_DTYPE.value, remat=_REMAT.value, scan_layers=_SCAN.value, attention=_ATTENTION.value,
         max_seq_len=max(_SEQ.value, model.get_config(_PRESET.value).max_seq_len),
     )
     mesh = sharding.make_mesh([int(s) for s in _MESH.value], model_config=config)
@@ -130,12 +132,14 @@ def main(argv):
         b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
     ))
     optimizer = make_optimizer(opt_cfg, total_steps=1000)
-    train_step, _ = compile_steps(config, optimizer, mesh, microbatches=_MICRO.value, z_loss=0.0)
+    train_step, _ = compile_steps(
+        config, optimizer, mesh, microbatches=_MICRO.value, z_loss=0.0, loss_chunk=_LOSS_CHUNK.value
+    )
     batch = synthetic_batch(_BATCH.value, _SEQ.value, config.vocab_size, _DOCS.value)
 
     with jax.set_mesh(mesh):
         state = create_state(config, optimizer, mesh, seed=0)
-        compile_s, times = time_steps(train_step, state, batch, _STEPS.value)
+        compile_s, times, compiled_memory = time_steps(train_step, state, batch, _STEPS.value)
 
     step_time = statistics.median(times)
     tokens = _BATCH.value * _SEQ.value
@@ -147,6 +151,7 @@ def main(argv):
     counts = model.param_counts(config)
     print(f"device             {jax.device_count()} x {device.device_kind}; mesh {dict(mesh.shape)}")
     print(f"model              {_PRESET.value}: {counts['total']:,} params ({counts['nonembedding']:,} non-embedding), {config.dtype} compute, remat {config.remat}")
+    print(f"attention          {model.attention.resolve(config.attention, _SEQ.value)}; loss chunk {_LOSS_CHUNK.value or 'none'}")
     print(f"batch              {_BATCH.value} x {_SEQ.value} tokens, {_MICRO.value} micro-batch(es), {_DOCS.value} document(s)/row")
     print(f"FLOPs/token        {flops['total']:.4g} = 6N {flops['total'] - flops['attention']:.4g} + attention 12LdT {flops['attention']:.4g}")
     print(f"compile            {compile_s:.1f} s")
@@ -155,6 +160,13 @@ def main(argv):
     print(f"achieved           {achieved / 1e12:.2f} TFLOP/s")
     print(f"MFU                {achieved / (peak * jax.device_count()):.1%}" if peak else "MFU                n/a (no peak FLOP/s known for this device)")
     print(f"peak memory        {memory / 2**30:.2f} GiB" if memory else "peak memory        n/a (not reported by this backend)")
+    if compiled_memory is not None:
+        gib = lambda n: f"{n / 2**30:.2f} GiB"
+        print(
+            f"compiled step      arguments {gib(compiled_memory.argument_size_in_bytes)}, temporaries "
+            f"{gib(compiled_memory.temp_size_in_bytes)}, outputs {gib(compiled_memory.output_size_in_bytes)} "
+            f"({gib(compiled_memory.alias_size_in_bytes)} aliased to the donated arguments), per device"
+        )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,355 @@
+"""Causal self-attention over packed sequences, with one entry point and several kernels.
+
+`attend(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, implementation=...)`: key j is visible to
+query i iff j <= i and both carry the same segment id (segment_ids None: plain causal).
+Segment id 0 marks padding; padding rows get finite outputs of no meaning. N is a multiple
+of K (GQA; K=1 is MQA). Softmax in float32 with scale 1/sqrt(H); output in q's dtype.
+
+Implementations (all equal "xla" to float32 rounding, tests/model/test_attention.py):
+  xla         `jax.nn.dot_product_attention` with the dense [B, 1, T, T] mask; builds the
+              float32 [B, N, T, T] scores.
+  blockwise   pure JAX flash attention (any backend): query blocks, online softmax over key
+              blocks, key blocks above the diagonal never visited, block pairs where no row
+              shares a segment skipped at run time; custom VJP (flash backward), so memory
+              is O(T * block) in the backward pass too. The fastest on the CPU from T=128.
+  pallas_gpu  Triton flash kernel `jax.experimental.pallas.ops.gpu.attention.mha`.
+  splash_tpu  TPU kernel `jax.experimental.pallas.ops.tpu.splash_attention`.
+  auto        `resolve`: by backend, and on the CPU by sequence length.
+Dimension letters as in model/transformer.py, plus G = N // K query heads per kv head.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from model.sharding import logical_to_spec
+
+IMPLEMENTATIONS = ("auto", "xla", "blockwise", "pallas_gpu", "splash_tpu")
+
+# On the CPU "auto" takes blockwise from this sequence length on, xla below it (they tie at
+# T=64). Measured on the 2-core CPU under background load: f = jax.jit(jax.value_and_grad(
+# lambda q, k, v: jnp.sum(attend(q, k, v, segment_ids, implementation=...) * w), (0, 1, 2)))
+# on random float32 [B, T, 12, 64] inputs, equal-length segments, block_size=128; one warm-up
+# call, then 5-11 timed calls with xla and blockwise interleaved; median (min) seconds and
+# f.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes:
+#   B=32 T=64,   1 segment    xla 0.102 (0.062)   30 MiB   blockwise 0.094 (0.070)  30 MiB
+#   B=16 T=128,  1 segment    xla 0.154 (0.139)   54 MiB   blockwise 0.128 (0.082)  42 MiB
+#   B=16 T=128,  4 segments   xla 0.153 (0.122)   54 MiB   blockwise 0.125 (0.092)  42 MiB
+#   B=2  T=2048, 4 segments   xla 8.38  (7.33)  1548 MiB   blockwise 0.455 (0.386)  72 MiB
+#   B=2  T=2048, 1 segment                                 blockwise 1.19  (1.07)   72 MiB
+CPU_BLOCKWISE_MIN_LEN = 128
+
+_MASKED = -1e30  # finite, so exp(_MASKED - m) is 0 or 1 and never NaN
+
+
+def resolve(implementation: str, seq_len: int) -> str:
+    """The implementation `attend` runs for `implementation` ("auto" picks by backend)."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"model.attention: unknown implementation {implementation!r}; one of {IMPLEMENTATIONS}"
+        )
+    if implementation != "auto":
+        return implementation
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return "pallas_gpu"
+    if backend == "tpu":
+        return "splash_tpu"
+    return "blockwise" if seq_len >= CPU_BLOCKWISE_MIN_LEN else "xla"
+
+
+def attend(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=None, *, implementation: str,
+           block_size: int = 128, interpret: bool | None = None):
+    """Causal, segment-masked attention: out [B, T, N, H] in q's dtype.
+
+    `block_size` is the query/key tile of blockwise and the kernels (each rounds it to what
+    it supports); `interpret` runs the Pallas kernels in the interpreter (by default, when
+    the backend is not the kernel's: the CPU tests). Under a mesh the Pallas kernels run per
+    shard (`shard_map` over the batch and head axes of the logical sharding rules), since
+    XLA cannot partition a kernel call itself."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BTKH.shape[2]
+    if N % K:
+        raise ValueError(f"model.attention: {N} query heads are not a multiple of {K} kv heads")
+    name = resolve(implementation, T)
+    if name == "xla":
+        return _xla(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
+    if name == "blockwise":
+        return _blockwise(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block_size)
+    kernel, platform = {"pallas_gpu": (_pallas_gpu, "gpu"), "splash_tpu": (_splash_tpu, "tpu")}[name]
+    if interpret is None:
+        interpret = jax.default_backend() != platform
+    run = lambda q, k, v, seg: kernel(q, k, v, seg, block_size, interpret)
+    return _per_shard(run, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
+
+
+def _per_shard(run, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT):
+    """`run` on each device's shard of the batch and heads (directly without a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or math.prod(mesh.axis_sizes) == 1:
+        return run(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
+    q_spec = logical_to_spec(("batch", "length", "heads", "head_dim"))
+    kv_spec = logical_to_spec(("batch", "length", "kv_heads", "head_dim"))
+    if segment_ids_BT is None:
+        return jax.shard_map(
+            lambda q, k, v: run(q, k, v, None), in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+            check_vma=False,  # the kernels' outputs carry no varying-axes annotation
+        )(q_BTNH, k_BTKH, v_BTKH)
+    segment_spec = logical_to_spec(("batch", "length"))
+    return jax.shard_map(
+        run, in_specs=(q_spec, kv_spec, kv_spec, segment_spec), out_specs=q_spec, check_vma=False
+    )(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
+
+
+def causal_segment_mask(segment_ids_BT, T: int):
+    """[B, 1, T, T] boolean mask (or [1, 1, T, T] without segments) the reference uses."""
+    causal_TS = jnp.tril(jnp.ones((T, T), bool))
+    if segment_ids_BT is None:
+        return causal_TS[None, None]
+    same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    return (causal_TS[None] & same_BTS)[:, None]
+
+
+def _xla(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT):
+    if segment_ids_BT is None:
+        return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True)
+    mask = causal_segment_mask(segment_ids_BT, q_BTNH.shape[1])
+    return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask)
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def _pad_time(Tp, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, pad_segment):
+    """Pad the length to Tp. Causality alone hides the padded keys from every real query (they
+    come after it); padded queries see real keys and are sliced off. `pad_segment` None
+    repeats each row's last id (keeps block min/max tight for blockwise)."""
+    T = q_BTNH.shape[1]
+    if Tp == T:
+        return q_BTNH, k_BTKH, v_BTKH, segment_ids_BT
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2))
+    if segment_ids_BT is not None:
+        if pad_segment is None:
+            segment_ids_BT = jnp.pad(segment_ids_BT, [(0, 0), (0, Tp - T)], mode="edge")
+        else:
+            segment_ids_BT = jnp.pad(segment_ids_BT, [(0, 0), (0, Tp - T)], constant_values=pad_segment)
+    return pad(q_BTNH), pad(k_BTKH), pad(v_BTKH), segment_ids_BT
+
+
+# ---------------------------------------------------------------------------------------
+# blockwise: flash attention in pure JAX
+
+
+def _blockwise(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block_size):
+    B, T, N, H = q_BTNH.shape
+    K = k_BTKH.shape[2]
+    G = N // K
+    bs = min(block_size, T)
+    q, k, v, seg = _pad_time(_round_up(T, bs), q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, None)
+    Tp = q.shape[1]
+    # Heads-major: per block and head, contiguous [block, H] tiles. Each kv head serves its
+    # G query heads through the einsums; K/V are never repeated.
+    q_BKGTH = q.reshape(B, Tp, K, G, H).transpose(0, 2, 3, 1, 4)
+    k_BKTH, v_BKTH = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    if seg is not None:
+        seg = seg.astype(jnp.int32)
+    out_BKGTH = _flash(q_BKGTH, k_BKTH, v_BKTH, seg, bs)
+    return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, Tp, N, H)[:, :T]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q_BKGTH, k_BKTH, v_BKTH, seg_BT, bs):
+    return _flash_forward(q_BKGTH, k_BKTH, v_BKTH, seg_BT, bs)[0]
+
+
+def _flash_fwd(q_BKGTH, k_BKTH, v_BKTH, seg_BT, bs):
+    out_BKGTH, lse_BKGT = _flash_forward(q_BKGTH, k_BKTH, v_BKTH, seg_BT, bs)
+    return out_BKGTH, (q_BKGTH, k_BKTH, v_BKTH, seg_BT, out_BKGTH, lse_BKGT)
+
+
+def _flash_bwd(bs, residuals, dout_BKGTH):
+    return (*_flash_backward(*residuals, dout_BKGTH, bs), None)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+class _Blocks:
+    """Block bookkeeping shared by the forward and backward passes. Blocks span the whole
+    batch (the batch axis stays an ordinary, shardable axis); a block pair is skipped when
+    no row has a segment id in both blocks, judged by each block's id range per row."""
+
+    def __init__(self, seg_BT, T, bs):
+        self.bs, self.n = bs, T // bs
+        self.seg_BT = seg_BT
+        self.pos = jnp.arange(bs)
+        if seg_BT is not None:
+            seg_Bnb = seg_BT.reshape(seg_BT.shape[0], self.n, bs)
+            lo_Bn, hi_Bn = seg_Bnb.min(axis=2), seg_Bnb.max(axis=2)
+            overlap_Bnn = (jnp.maximum(lo_Bn[:, :, None], lo_Bn[:, None, :])
+                           <= jnp.minimum(hi_Bn[:, :, None], hi_Bn[:, None, :]))
+            self.overlap_nn = overlap_Bnn.any(axis=0)
+
+    def mask(self, i, j):
+        """[B or 1, bs, bs] visibility of block j's keys to block i's queries."""
+        visible = (i * self.bs + self.pos)[:, None] >= (j * self.bs + self.pos)[None, :]
+        if self.seg_BT is None:
+            return visible[None]
+        seg_q = lax.dynamic_slice_in_dim(self.seg_BT, i * self.bs, self.bs, axis=1)
+        seg_k = lax.dynamic_slice_in_dim(self.seg_BT, j * self.bs, self.bs, axis=1)
+        return visible[None] & (seg_q[:, :, None] == seg_k[:, None, :])
+
+    def skip_if_disjoint(self, i, j, compute, carry):
+        """compute(carry), unless blocks i and j share no segment in any row."""
+        if self.seg_BT is None:
+            return compute(carry)
+        return lax.cond(self.overlap_nn[i, j], compute, lambda c: c, carry)
+
+
+def _scores(q_BKGqH, k_BKsH, mask_Bqs, scale):
+    s = jnp.einsum("BKGqH,BKsH->BKGqs", q_BKGqH, k_BKsH, preferred_element_type=jnp.float32)
+    return jnp.where(mask_Bqs[:, None, None], s * scale, _MASKED)
+
+
+def _flash_forward(q_BKGTH, k_BKTH, v_BKTH, seg_BT, bs):
+    B, K, G, T, H = q_BKGTH.shape
+    scale = 1.0 / math.sqrt(H)
+    blocks = _Blocks(seg_BT, T, bs)
+
+    def query_block(_, i):
+        q_i = lax.dynamic_slice_in_dim(q_BKGTH, i * bs, bs, axis=3)
+
+        def visit(j, carry):
+            def compute(carry):
+                o, m, l = carry
+                k_j = lax.dynamic_slice_in_dim(k_BKTH, j * bs, bs, axis=2)
+                v_j = lax.dynamic_slice_in_dim(v_BKTH, j * bs, bs, axis=2)
+                s = _scores(q_i, k_j, blocks.mask(i, j), scale)
+                m_new = jnp.maximum(m, s.max(axis=-1))
+                # A row that has seen no visible key yet has m_new = _MASKED and p = 1 on
+                # masked keys; its own diagonal key comes last (j = i) and the correction
+                # exp(_MASKED - m) = 0 then wipes those terms.
+                p = jnp.exp(s - m_new[..., None])
+                correction = jnp.exp(m - m_new)
+                pv = jnp.einsum("BKGqs,BKsH->BKGqH", p.astype(v_j.dtype), v_j,
+                                preferred_element_type=jnp.float32)
+                return o * correction[..., None] + pv, m_new, l * correction + p.sum(axis=-1)
+
+            return blocks.skip_if_disjoint(i, j, compute, carry)
+
+        init = (
+            jnp.zeros((B, K, G, bs, H), jnp.float32),
+            jnp.full((B, K, G, bs), _MASKED, jnp.float32),
+            jnp.zeros((B, K, G, bs), jnp.float32),
+        )
+        # Key blocks 0..i only: those above the diagonal are never visited.
+        o, m, l = lax.fori_loop(0, i + 1, visit, init)
+        return None, ((o / l[..., None]).astype(q_BKGTH.dtype), m + jnp.log(l))
+
+    _, (o_nBKGqH, lse_nBKGq) = lax.scan(query_block, None, jnp.arange(blocks.n))
+    out_BKGTH = jnp.moveaxis(o_nBKGqH, 0, 3).reshape(B, K, G, T, H)
+    lse_BKGT = jnp.moveaxis(lse_nBKGq, 0, 3).reshape(B, K, G, T)
+    return out_BKGTH, lse_BKGT
+
+
+def _flash_backward(q_BKGTH, k_BKTH, v_BKTH, seg_BT, out_BKGTH, lse_BKGT, dout_BKGTH, bs):
+    B, K, G, T, H = q_BKGTH.shape
+    scale = 1.0 / math.sqrt(H)
+    blocks = _Blocks(seg_BT, T, bs)
+    f32 = jnp.float32
+    delta_BKGT = jnp.sum(dout_BKGTH.astype(f32) * out_BKGTH.astype(f32), axis=-1)
+
+    def key_block(dq_BKGTH, j):
+        k_j = lax.dynamic_slice_in_dim(k_BKTH, j * bs, bs, axis=2)
+        v_j = lax.dynamic_slice_in_dim(v_BKTH, j * bs, bs, axis=2)
+
+        def visit(i, carry):
+            def compute(carry):
+                dq, dk, dv = carry
+                q_i = lax.dynamic_slice_in_dim(q_BKGTH, i * bs, bs, axis=3)
+                do_i = lax.dynamic_slice_in_dim(dout_BKGTH, i * bs, bs, axis=3)
+                lse_i = lax.dynamic_slice_in_dim(lse_BKGT, i * bs, bs, axis=3)
+                delta_i = lax.dynamic_slice_in_dim(delta_BKGT, i * bs, bs, axis=3)
+                p = jnp.exp(_scores(q_i, k_j, blocks.mask(i, j), scale) - lse_i[..., None])
+                dv += jnp.einsum("BKGqs,BKGqH->BKsH", p.astype(do_i.dtype), do_i,
+                                 preferred_element_type=f32)
+                dp = jnp.einsum("BKGqH,BKsH->BKGqs", do_i, v_j, preferred_element_type=f32)
+                ds = (p * (dp - delta_i[..., None]) * scale).astype(q_i.dtype)
+                dk += jnp.einsum("BKGqs,BKGqH->BKsH", ds, q_i, preferred_element_type=f32)
+                dq_i = lax.dynamic_slice_in_dim(dq, i * bs, bs, axis=3)
+                dq_i += jnp.einsum("BKGqs,BKsH->BKGqH", ds, k_j, preferred_element_type=f32)
+                return lax.dynamic_update_slice_in_dim(dq, dq_i, i * bs, axis=3), dk, dv
+
+            return blocks.skip_if_disjoint(i, j, compute, carry)
+
+        zeros = jnp.zeros((B, K, bs, H), f32)
+        # Query blocks j..n-1 only: those that see key block j.
+        dq_BKGTH, dk, dv = lax.fori_loop(j, blocks.n, visit, (dq_BKGTH, zeros, zeros))
+        return dq_BKGTH, (dk, dv)
+
+    dq_BKGTH, (dk_nBKsH, dv_nBKsH) = lax.scan(
+        key_block, jnp.zeros((B, K, G, T, H), f32), jnp.arange(blocks.n)
+    )
+    to_BKTH = lambda x: jnp.moveaxis(x, 0, 2).reshape(B, K, T, H)
+    return (dq_BKGTH.astype(q_BKGTH.dtype), to_BKTH(dk_nBKsH).astype(k_BKTH.dtype),
+            to_BKTH(dv_nBKsH).astype(v_BKTH.dtype))
+
+
+# ---------------------------------------------------------------------------------------
+# Pallas kernels
+
+
+def _pallas_gpu(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block_size, interpret):
+    from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+
+    B, T, N, H = q_BTNH.shape
+    G = N // k_BTKH.shape[2]
+    # Triton tiles are powers of two; the kernel needs T a multiple of each tile.
+    block = max(16, min(pow(2, (block_size - 1).bit_length()), pow(2, (T - 1).bit_length())))
+    q, k, v, seg = _pad_time(_round_up(T, block), q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, -1)
+    if G > 1:  # the kernel wants as many kv heads as query heads
+        k, v = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)
+    backward = min(block, 32)  # the library's default backward tiles
+    sizes = gpu_attention.BlockSizes(
+        block_q=block, block_k=block, block_q_dkv=backward, block_kv_dkv=backward,
+        block_q_dq=backward, block_kv_dq=backward,
+    )
+    out = gpu_attention.mha(
+        q, k, v, None if seg is None else seg.astype(jnp.int32), sm_scale=1.0 / math.sqrt(H),
+        causal=True, block_sizes=sizes, interpret=interpret,
+    )
+    return out[:, :T].astype(q_BTNH.dtype)
+
+
+def _splash_tpu(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block_size, interpret):
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    B, T, N, H = q_BTNH.shape
+    # Splash tiles are multiples of 128 lanes and must divide T.
+    block = min(_round_up(block_size, 128), _round_up(T, 128))
+    q, k, v, seg = _pad_time(_round_up(T, block), q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, -1)
+    Tp = q.shape[1]
+    mask = splash.MultiHeadMask([splash.CausalMask((Tp, Tp))] * N)
+    sizes = splash.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block,
+    )
+    kernel = splash.make_splash_mha(
+        mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+    )
+    # Splash applies no softmax scale: scale q in float32, then back to its dtype.
+    q = (q.astype(jnp.float32) / math.sqrt(H)).astype(q.dtype)
+    q_BNTH, k_BKTH, v_BKTH = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    if seg is None:
+        out_BNTH = jax.vmap(kernel)(q_BNTH, k_BKTH, v_BKTH)
+    else:
+        seg = seg.astype(jnp.int32)
+        ids = splash.SegmentIds(q=seg, kv=seg)
+        out_BNTH = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=s))(q_BNTH, k_BKTH, v_BKTH, ids)
+    return out_BNTH.transpose(0, 2, 1, 3)[:, :T].astype(q_BTNH.dtype)

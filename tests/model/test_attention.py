@@ -1,0 +1,120 @@
+"""Every attention implementation equals the dense XLA reference, values and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model import attention
+
+B, T, N, H = 2, 200, 4, 32
+# Row 0: left padding, then 3 documents; row 1: 3 documents, then right padding. T = 200 is
+# no multiple of any block size used here, so every implementation pads internally.
+SEGMENTS = np.array([
+    [0] * 13 + [1] * 70 + [2] * 50 + [3] * 67,
+    [1] * 40 + [2] * 90 + [3] * 41 + [0] * 29,
+])
+HEADS = {"mha": 4, "gqa": 2, "mqa": 1}
+KERNELS = {
+    "blockwise": dict(block_size=64),
+    "pallas_gpu": dict(block_size=64, interpret=True),
+    "splash_tpu": dict(interpret=True),
+}
+
+
+def _inputs(K, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(B, T, N, H))
+    k, v = rng.normal(size=(2, B, T, K, H))
+    weights = rng.normal(size=(B, T, N, H))
+    return [jnp.asarray(x, jnp.float32) for x in (q, k, v, weights)]
+
+
+def _value_and_grads(implementation, q, k, v, segment_ids, weights, **kwargs):
+    """Outputs and d/d(q, k, v) of sum(out * weights) over non-padding rows."""
+    real = jnp.ones((B, T), bool) if segment_ids is None else segment_ids > 0
+
+    def loss(q, k, v):
+        out = attention.attend(q, k, v, segment_ids, implementation=implementation, **kwargs)
+        return jnp.sum(jnp.where(real[:, :, None, None], out * weights, 0.0)), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return np.asarray(out)[np.asarray(real)], [np.asarray(g) for g in grads]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize(
+    "heads, packed", [("mha", True), ("gqa", True), ("mqa", True), ("gqa", False)]
+)
+def test_equals_xla_reference(kernel, heads, packed):
+    q, k, v, weights = _inputs(HEADS[heads])
+    segment_ids = jnp.asarray(SEGMENTS, jnp.int32) if packed else None
+    want_out, want_grads = _value_and_grads("xla", q, k, v, segment_ids, weights)
+    out, grads = _value_and_grads(kernel, q, k, v, segment_ids, weights, **KERNELS[kernel])
+    np.testing.assert_allclose(out, want_out, atol=1e-5, rtol=0)
+    for name, got, want in zip("qkv", grads, want_grads):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=f"d{name}")
+
+
+def test_segments_are_isolated():
+    """Changing one document's keys and values leaves the other documents' outputs alone."""
+    q, k, v, _ = _inputs(2)
+    segment_ids = jnp.asarray(SEGMENTS, jnp.int32)
+    in_doc2 = (segment_ids == 2)[:, :, None, None]
+    k2, v2 = jnp.where(in_doc2, k + 1.0, k), jnp.where(in_doc2, v - 1.0, v)
+    run = lambda k, v: attention.attend(q, k, v, segment_ids, implementation="blockwise", block_size=64)
+    others = np.asarray((segment_ids != 2) & (segment_ids > 0))
+    np.testing.assert_array_equal(np.asarray(run(k, v))[others], np.asarray(run(k2, v2))[others])
+
+
+def test_blockwise_training_memory_is_below_xla():
+    """Compiled temporaries of value_and_grad at T=2048: O(T * block) against O(T^2)."""
+    shape = jax.ShapeDtypeStruct((1, 2048, 4, 64), jnp.float32)
+    segment_ids = jax.ShapeDtypeStruct((1, 2048), jnp.int32)
+
+    def temp_bytes(implementation):
+        def loss(q, k, v, segment_ids):
+            return jnp.sum(attention.attend(q, k, v, segment_ids, implementation=implementation))
+
+        grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        compiled = grad_fn.lower(shape, shape, shape, segment_ids).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    xla, blockwise = temp_bytes("xla"), temp_bytes("blockwise")
+    assert xla > 4 * 2048 * 2048 * 4  # at least the float32 [N, T, T] scores
+    assert blockwise < xla / 8, (blockwise, xla)
+
+
+def test_resolve_and_unknown_names():
+    assert attention.resolve("blockwise", 16) == "blockwise"
+    assert jax.default_backend() == "cpu"
+    assert attention.resolve("auto", attention.CPU_BLOCKWISE_MIN_LEN - 1) == "xla"
+    assert attention.resolve("auto", attention.CPU_BLOCKWISE_MIN_LEN) == "blockwise"
+    assert set(attention.IMPLEMENTATIONS) == {"auto", "xla", "blockwise", "pallas_gpu", "splash_tpu"}
+    q = jnp.zeros((1, 8, 2, 4))
+    with pytest.raises(ValueError, match="model.attention"):
+        attention.attend(q, q, q, None, implementation="flash")
+    with pytest.raises(ValueError, match="model.attention"):
+        attention.resolve("cudnn", 8)
+
+
+@pytest.mark.parametrize("implementation", ["pallas_gpu", "splash_tpu"])
+def test_kernels_run_per_shard_in_the_model_under_a_mesh(implementation):
+    """On a data x fsdp x tensor mesh the kernels see their shard of batch and heads."""
+    import model
+    from model import sharding
+
+    config = model.get_config(
+        "llama-tiny", vocab_size=64, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=64
+    )
+    mesh = sharding.make_mesh((2, 2, 2), model_config=config)
+    params = model.init_params(config, jax.random.key(0), mesh)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (8, 48)), jnp.int32)
+    segment_ids = jnp.asarray(np.repeat([[1] * 20 + [2] * 28], 8, axis=0), jnp.int32)
+    forward = lambda name: jax.jit(
+        lambda p, t, s: model.forward(config.replace(attention=name), p, t, segment_ids=s)
+    )
+    with jax.set_mesh(mesh):
+        reference = forward("xla")(params, tokens, segment_ids)
+        out = forward(implementation)(params, tokens, segment_ids)
+    np.testing.assert_allclose(out, reference, atol=2e-5)
