@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import pathlib
+from etils import epath
 
 from train.metrics import read_metrics
 
@@ -15,7 +15,7 @@ _PANELS = (
 )
 
 
-def plot_run(metrics_path: pathlib.Path, out_path: pathlib.Path) -> None:
+def plot_run(metrics_path: epath.Path, out_path: epath.Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,5 +39,6 @@ def plot_run(metrics_path: pathlib.Path, out_path: pathlib.Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
+    with epath.Path(out_path).open("wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)

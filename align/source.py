@@ -20,6 +20,7 @@ import model
 from align import trees
 from data import pipeline
 from data.tokenizer import Tokenizer
+from train import workdir as workdir_lib
 from train.checkpoint import Checkpointer
 from train.optimizer import make_optimizer
 from train.state import abstract_state, tree_shardings
@@ -37,13 +38,14 @@ class Start:
 
 def resolve(cfg) -> Start:
     if cfg.init.from_workdir:
-        return from_workdir(pathlib.Path(cfg.init.from_workdir))
+        return from_workdir(cfg.init.from_workdir)
     return _from_hf(pathlib.Path(cfg.init.from_hf), cfg.init.tokenizer)
 
 
-def from_workdir(workdir: pathlib.Path, setting: str = "init.from_workdir") -> Start:
-    """The newest checkpoint of a run; errors name `setting`, where the workdir came from."""
-    workdir = pathlib.Path(workdir).resolve()
+def from_workdir(workdir, setting: str = "init.from_workdir") -> Start:
+    """The newest checkpoint of a run (a local or object-store workdir); errors name `setting`,
+    where the workdir came from."""
+    workdir = workdir_lib.resolve(workdir)
     config_file = workdir / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{setting}={str(workdir)!r}: no config.json there (not a run's workdir)")

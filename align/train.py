@@ -81,7 +81,8 @@ def _cached_reference(cfg, workdir, model_config, mesh, shardings, start_trees, 
     kept in the workdir, so a resumed run uses the same values."""
     path = workdir / REFERENCE_CACHE.format(split=split)
     if path.exists():
-        values = np.load(path)
+        with path.open("rb") as f:
+            values = np.load(f)
         if len(values) == len(examples):
             return values
     params, frozen = start_trees()
@@ -89,7 +90,8 @@ def _cached_reference(cfg, workdir, model_config, mesh, shardings, start_trees, 
     values = _per_example(logps, params, frozen, examples, DATA_KIND[cfg.method], cfg, mesh, shardings)
     values = values.astype(np.float32)
     if jax.process_index() == 0:
-        np.save(path, values)
+        with path.open("wb") as f:
+            np.save(f, values)
     return values
 
 
@@ -101,10 +103,9 @@ def task_accuracy(cfg, model_config, tokenizer, policy_params) -> dict[str, floa
     )
     prompts = [[tokenizer.bos_id] + ids for ids in tokenizer.encode([p.prompt for p in problems])]
     outputs = generate(
-        model_config, jax.device_get(policy_params), prompts, max_new_tokens=t.max_new_tokens,
-        eos_id=tokenizer.eos_id,
+        model_config, policy_params, prompts, max_new_tokens=t.max_new_tokens, eos_id=tokenizer.eos_id
     )
-    scores = arithmetic.score(problems, tokenizer.decode(outputs))
+    scores = arithmetic.score(problems, tokenizer.decode(outputs.tokens))
     return {"accuracy": scores["accuracy"], "task_reward": scores["mean_reward"]}
 
 

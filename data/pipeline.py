@@ -28,6 +28,7 @@ import time
 
 import ml_collections
 import numpy as np
+from etils import epath
 
 from data import dedup, parallel, preprocess, sources, token_cache
 from data import tokenizer as tokenizer_lib
@@ -103,6 +104,11 @@ def _validate(cfg) -> None:
         raise ValueError(f"data.source={cfg.source!r} is not one of 'builtin', 'files', 'hf'")
     if not 0 < cfg.val_fraction < 1:
         raise ValueError(f"data.val_fraction={cfg.val_fraction} must be in (0, 1)")
+    if "://" in str(cfg.cache_dir):
+        raise ValueError(
+            f"data.cache_dir={cfg.cache_dir!r}: the token cache is memory-mapped, so it must be a local "
+            "(or mounted) directory; each host of a pod builds the same cache"
+        )
     if cfg.max_bytes < 0:
         raise ValueError(f"data.max_bytes={cfg.max_bytes} must be >= 0 (0: no limit)")
     if cfg.tokenizer.model_type not in ("bpe", "unigram"):
@@ -143,7 +149,7 @@ class Corpus:
 def cache_key(cfg) -> str:
     """A hash of everything the cached tokens depend on: settings, source files, tokenizer."""
     settings = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_CACHE_KEY}
-    tokenizer_model = pathlib.Path(cfg.tokenizer.path).read_bytes() if cfg.tokenizer.path else b""
+    tokenizer_model = epath.Path(cfg.tokenizer.path).read_bytes() if cfg.tokenizer.path else b""
     parts = [
         _CACHE_FORMAT,
         settings,

@@ -8,11 +8,11 @@ its three UTF-8 byte pieces.
 """
 
 import io
-import pathlib
 import random
 
 import numpy as np
 import sentencepiece as spm
+from etils import epath
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 _SPACE_SYMBOL = "\u2581"
@@ -29,8 +29,8 @@ class Tokenizer:
         self._processor = spm.SentencePieceProcessor(model_proto=model_proto)
 
     @classmethod
-    def load(cls, path: str | pathlib.Path) -> "Tokenizer":
-        path = pathlib.Path(path)
+    def load(cls, path: epath.PathLike) -> "Tokenizer":
+        path = epath.Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file (a SentencePiece model was expected)")
         try:
@@ -38,8 +38,8 @@ class Tokenizer:
         except RuntimeError:  # sentencepiece's parse error names neither the file nor the cause
             raise ValueError(f"{path}: not a SentencePiece model file") from None
 
-    def save(self, path: str | pathlib.Path) -> None:
-        pathlib.Path(path).write_bytes(self.model_proto)
+    def save(self, path: epath.PathLike) -> None:
+        epath.Path(path).write_bytes(self.model_proto)
 
     @property
     def vocab_size(self) -> int:

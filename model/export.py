@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import pathlib
-import shutil
 
 import jax
 import numpy as np
 import sentencepiece as spm
 from absl import flags
+from etils import epath
 from safetensors.numpy import save_file
 
 from model import sharding
@@ -39,7 +39,7 @@ def family(config: ModelConfig) -> str:
     )
 
 
-def to_hf(config: ModelConfig, params, out: pathlib.Path, tokenizer_model: pathlib.Path | None = None) -> None:
+def to_hf(config: ModelConfig, params, out: pathlib.Path, tokenizer_model: epath.PathLike | None = None) -> None:
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     params = jax.tree.map(lambda a: np.asarray(a, np.float32), jax.device_get(params))
@@ -52,8 +52,9 @@ def to_hf(config: ModelConfig, params, out: pathlib.Path, tokenizer_model: pathl
     (out / "config.json").write_text(json.dumps(hf_config, indent=2))
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, out / "model.safetensors", metadata={"format": "pt"})
     if tokenizer_model is not None:
-        shutil.copyfile(tokenizer_model, out / "tokenizer.model")
-        pieces = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
+        model_proto = epath.Path(tokenizer_model).read_bytes()  # the workdir may be on an object store
+        (out / "tokenizer.model").write_bytes(model_proto)
+        pieces = spm.SentencePieceProcessor(model_proto=model_proto)
         special = {name: pieces.id_to_piece(i) for name, i in (
             ("bos_token", pieces.bos_id()), ("eos_token", pieces.eos_id()), ("unk_token", pieces.unk_id()),
         ) if i >= 0}
@@ -124,7 +125,7 @@ def main(argv):
     del argv
     from align import source  # a run's checkpoint and tokenizer, as post-training starts from them
 
-    workdir = pathlib.Path(flags.FLAGS.workdir)
+    workdir = epath.Path(flags.FLAGS.workdir)
     start = source.from_workdir(workdir, setting="--workdir")
     params = start.load_params(sharding.make_mesh((-1, 1, 1), model_config=start.model_config))
     out = pathlib.Path(flags.FLAGS.out)

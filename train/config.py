@@ -46,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
     # (first, last): trace these steps with jax.profiler into WORKDIR/tensorboard, for
     # TensorBoard's profile tab; () for none.
     c.train.profile_steps = ()
+    # A Weights & Biases project to log the metrics, the config and the samples to as well
+    # (`pip install -e ".[wandb]"`); "" for none.
+    c.train.wandb_project = ""
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.lr = 3e-4
@@ -70,7 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     # A Hugging Face model directory (config.json + safetensors + tokenizer.model) to start
-    # from: its architecture replaces config.model (dtype, remat and scan_layers stay), its
+    # from: its architecture replaces config.model (dtype, remat, scan_layers and attention stay), its
     # SentencePiece model becomes data.tokenizer.path.
     c.init = ml_collections.ConfigDict({"from_hf": ""})
 

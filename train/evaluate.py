@@ -21,6 +21,7 @@ import tempfile
 import jax
 import ml_collections
 from absl import flags
+from etils import epath
 
 import model
 from align import source
@@ -47,10 +48,10 @@ def read_texts(paths: list[str], text_unit: str = "file", text_field: str = "tex
     return [d.text for d in documents]
 
 
-def evaluate(workdir: pathlib.Path, texts: list[str], batch_size: int = 0) -> dict[str, float]:
+def evaluate(workdir: epath.PathLike, texts: list[str], batch_size: int = 0) -> dict[str, float]:
     """{'loss' (nats per token), 'perplexity', 'bits_per_byte', 'tokens', 'documents'}."""
     start = source.from_workdir(workdir, setting="--workdir")
-    run = ml_collections.ConfigDict(json.loads((pathlib.Path(workdir) / "config.json").read_text()))
+    run = ml_collections.ConfigDict(json.loads((epath.Path(workdir) / "config.json").read_text()))
     batch_size = batch_size or run.eval.batch_size
     mesh = sharding.make_mesh((-1, 1, 1), model_config=start.model_config)
     if batch_size % (mesh.shape["data"] * jax.process_count()):
@@ -86,7 +87,7 @@ def evaluate(workdir: pathlib.Path, texts: list[str], batch_size: int = 0) -> di
 def main(argv):
     del argv
     texts = read_texts(_PATHS.value, _TEXT_UNIT.value, _TEXT_FIELD.value)
-    result = evaluate(pathlib.Path(_WORKDIR.value), texts, _BATCH.value)
+    result = evaluate(_WORKDIR.value, texts, _BATCH.value)
     print(
         f"{_WORKDIR.value}: loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f}, "
         f"{result['bits_per_byte']:.4f} bits/byte over {result['documents']:,} documents, "

@@ -4,7 +4,7 @@ checkpoint, stop cleanly on SIGTERM.
 A method hands the loop a `Job`: its compiled update, its resumable batch iterator, how to
 make a fresh state and the abstract state to restore into, and optional evaluation. The loop
 owns everything else: checkpoints (state + data-iterator state + config, so a killed run
-resumes on the same trajectory), `metrics.jsonl` and TensorBoard, the progress line, the
+resumes on the same trajectory), `metrics.jsonl` and TensorBoard (and W&B), the progress line, the
 non-finite policy (`train.nonfinite`), and timing (tokens/s, MFU).
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import pathlib
 import signal
 import threading
 import time
@@ -23,6 +22,7 @@ import grain
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from train import workdir as workdir_lib
 from train.checkpoint import Checkpointer
@@ -53,6 +53,9 @@ class Job:
     flops_per_step: float | None = None  # model FLOPs of one update, for FLOP/s and MFU
     evaluate: Callable[[TrainState], dict] | None = None  # metrics of the held-out set
     finish: Callable[[TrainState], TrainState] | None = None  # before the final checkpoint
+    # Text written by the final model (on every process: generation may span hosts), logged
+    # with the metrics once the run is finished.
+    samples: Callable[[TrainState], str] | None = None
 
 
 @dataclasses.dataclass
@@ -67,7 +70,7 @@ def global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(sharding_, v) for k, v in local.items()}
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, mesh, job: Job) -> Result:
+def run(cfg: ml_collections.ConfigDict, workdir: epath.Path, mesh, job: Job) -> Result:
     """Train for cfg.train.steps updates, resuming from the newest readable checkpoint.
 
     On SIGTERM the run saves a checkpoint at the step it reached and exits with status 143
@@ -91,7 +94,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, mesh, job: Job) -
 
     preempted = threading.Event()
     default_sigterm = signal.signal(signal.SIGTERM, lambda *_: preempted.set())
-    writer = MetricsWriter(workdir, start_step, enabled=is_primary)
+    writer = MetricsWriter(workdir, start_step, enabled=is_primary, wandb_project=cfg.train.wandb_project)
     config_json = json.loads(cfg.to_json())
     if start_step == 0:
         writer.hyperparameters(config_json)
@@ -175,6 +178,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, mesh, job: Job) -
                 checkpointer.save(steps, state, job.batches, config_json)
             elif finished and job.evaluate:
                 last_eval = job.evaluate(state)
+        if finished and job.samples:
+            writer.text("samples", job.samples(state), steps)
     finally:  # also when a step fails: pending saves finish, nothing is left half-written
         profiler.stop()
         checkpointer.wait()
@@ -192,7 +197,7 @@ class _Profiler:
     """A jax.profiler trace of the steps `first..last` (inclusive), written where TensorBoard's
     profile tab finds it."""
 
-    def __init__(self, steps: tuple, directory: pathlib.Path):
+    def __init__(self, steps: tuple, directory: epath.Path):
         self.first, self.last = steps or (0, -1)
         self.directory = directory
         self.tracing = False

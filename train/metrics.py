@@ -1,15 +1,21 @@
-"""Metrics: JSONL + TensorBoard in the workdir, a console progress line, MFU, plots."""
+"""Metrics: JSONL + TensorBoard in the workdir (optionally Weights & Biases), a console
+progress line, MFU, plots.
+
+The workdir may be on an object store: files go through `etils.epath`, and a file written as
+it grows (`metrics.jsonl`, TensorBoard's event files) is written whole again at each flush
+there, since objects cannot be appended to."""
 
 from __future__ import annotations
 
 import json
-import pathlib
+import secrets
 import sys
 
 import jax
 import tqdm
+from etils import epath
 
-from train.workdir import flatten
+from train.workdir import flatten, is_remote
 
 # Dense bf16 peak FLOP/s per chip, from vendor data sheets.
 PEAK_FLOPS = {
@@ -38,7 +44,7 @@ def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
 def read_metrics(path) -> list[dict]:
     """The rows of a `metrics.jsonl` file, in order. A last line cut short (a kill during a
     write) is left out; a malformed line before the last is an error naming the line."""
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     rows = []
     for number, line in enumerate(lines, start=1):
@@ -53,21 +59,23 @@ def read_metrics(path) -> list[dict]:
 
 class MetricsWriter:
     """One writer for all metrics: `metrics.jsonl` (one object per logged step) and
-    TensorBoard event files. On resume, rows after the restored step are dropped so the
-    file describes a single trajectory."""
+    TensorBoard event files, and with `wandb_project` a Weights & Biases run as well. On
+    resume, rows after the restored step are dropped so the file describes a single
+    trajectory, and the same W&B run continues."""
 
-    def __init__(self, workdir: pathlib.Path, resume_step: int, enabled: bool = True):
+    def __init__(self, workdir: epath.Path, resume_step: int, enabled: bool = True, wandb_project: str = ""):
         self.enabled = enabled
         self.path = workdir / "metrics.jsonl"
+        self._wandb = None
         if not enabled:
             return
         if self.path.exists():
             kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        from tensorboardX import SummaryWriter
-
-        self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1)
-        self._file = self.path.open("a")
+        self._tb = _summary_writer(workdir / "tensorboard", purge_step=resume_step + 1)
+        self._file = _open_append(self.path)
+        if wandb_project:
+            self._wandb = _wandb_run(workdir, wandb_project)
 
     def hyperparameters(self, config: dict) -> None:
         """The run's config, flattened, for TensorBoard's HParams tab and as text."""
@@ -79,29 +87,99 @@ class MetricsWriter:
         for summary in hparams(flat, {"loss": None, "eval_loss": None}):
             self._tb.file_writer.add_summary(summary)
         self._tb.add_text("config", "```\n" + json.dumps(config, indent=1) + "\n```", 0)
+        if self._wandb:
+            self._wandb.config.update(flat, allow_val_change=True)
 
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
         row = {"step": step, **{k: _plain(v) for k, v in values.items()}}
-        self._file.write(json.dumps(row) + "\n")
+        self._file.write((json.dumps(row) + "\n").encode())
         self._file.flush()
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self._tb.add_scalar(key, value, step)
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        for key, value in scalars.items():
+            self._tb.add_scalar(key, value, step)
+        if self._wandb:
+            self._wandb.log(scalars, step=step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        """`text` under `tag`, verbatim: TensorBoard's Text tab, and a one-cell W&B table."""
+        if not self.enabled:
+            return
+        self._tb.add_text(tag, "```\n" + text + "\n```", step)
+        if self._wandb:
+            import wandb
+
+            self._wandb.log({tag: wandb.Table(columns=[tag], data=[[text]])}, step=step)
 
     def close(self) -> None:
         if self.enabled:
             self._file.close()
             self._tb.close()
+        if self._wandb:
+            self._wandb.finish()
 
 
-def tensorboard_text(workdir: pathlib.Path, tag: str, text: str, step: int) -> None:
-    """`text` under `tag` in the run's TensorBoard (its Text tab), verbatim."""
-    from tensorboardX import SummaryWriter
+WANDB_RUN_ID_FILE = "wandb_run_id"
 
-    with SummaryWriter(str(workdir / "tensorboard")) as writer:
-        writer.add_text(tag, "```\n" + text + "\n```", step)
+
+def _wandb_run(workdir: epath.Path, project: str):
+    """The workdir's W&B run in `project`, named after the workdir; a resumed run continues
+    the one whose id the workdir keeps. Files go where W&B puts them (WANDB_DIR, else
+    ./wandb), since the workdir may be on an object store; WANDB_MODE=offline works without
+    a network."""
+    import wandb
+
+    id_file = workdir / WANDB_RUN_ID_FILE
+    if id_file.exists():
+        run_id = id_file.read_text().strip()
+    else:
+        run_id = secrets.token_hex(6)
+        id_file.write_text(run_id)
+    return wandb.init(project=project, id=run_id, name=workdir.name, resume="allow")
+
+
+def _summary_writer(directory, **kwargs):
+    """A tensorboardX writer whose event files on an object store go through epath (tensorboardX's
+    own writers for gs:// and s3:// need clients of their own)."""
+    from tensorboardX import SummaryWriter, record_writer
+
+    for scheme in ("gs", "s3"):
+        record_writer.register_writer_factory(scheme, _ObjectStoreEvents())
+    return SummaryWriter(str(directory), **kwargs)
+
+
+class _ObjectStoreEvents:
+    """tensorboardX's writer factory for event files on an object store."""
+
+    def open(self, path: str):
+        return _open_append(path)
+
+    def directory_check(self, path: str) -> None:
+        pass  # an object store has no directories to create
+
+
+def _open_append(path):
+    """`path` opened to append bytes: a local file, or an object written whole at each flush."""
+    return _Rewritten(epath.Path(path)) if is_remote(path) else open(path, "ab")
+
+
+class _Rewritten:
+    """A growing object: the content is kept in memory and written whole at each flush (as
+    TensorFlow's gfile appends on GCS)."""
+
+    def __init__(self, path: epath.Path):
+        self.path = path
+        self.content = bytearray(path.read_bytes() if path.exists() else b"")
+
+    def write(self, data: bytes) -> None:
+        self.content += data
+
+    def flush(self) -> None:
+        self.path.write_bytes(bytes(self.content))
+
+    def close(self) -> None:
+        self.flush()
 
 
 def _plain(value):
@@ -156,7 +234,7 @@ def _number(value: float) -> str:
     return f"{value:,.0f}" if float(value).is_integer() else f"{value:.4g}"
 
 
-def plot_loss_curve(metrics_path: pathlib.Path, out_path: pathlib.Path) -> None:
+def plot_loss_curve(metrics_path: epath.Path, out_path: epath.Path) -> None:
     """Train loss (raw and smoothed) and validation loss against step."""
     import matplotlib
 
@@ -182,7 +260,8 @@ def plot_loss_curve(metrics_path: pathlib.Path, out_path: pathlib.Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_path, dpi=120)
+    with epath.Path(out_path).open("wb") as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
 
 

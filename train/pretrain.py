@@ -28,7 +28,7 @@ from train import config as config_lib
 from train import cli, loop
 from train import workdir as workdir_lib
 from train.loop import NonFiniteError, global_batch
-from train.metrics import plot_loss_curve, tensorboard_text
+from train.metrics import plot_loss_curve
 from train.optimizer import make_optimizer
 from train.state import abstract_state, create_state
 from train.step import compile_steps
@@ -110,11 +110,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str
         tokens_per_step=tokens_per_step,
         flops_per_step=flops * tokens_per_step,
         evaluate=lambda state: evaluate(eval_step, state.params, corpus, cfg, mesh),
+        samples=lambda state: write_samples(cfg, model_config, state.params, corpus, workdir),
     )
     result = loop.run(cfg, workdir, mesh, job)
     if is_primary:
         plot_loss_curve(workdir / "metrics.jsonl", workdir / "loss_curve.png")
-        write_samples(cfg, model_config, result.state.params, corpus, workdir)
         final = result.last_eval
         print(
             f"final validation loss {final['eval_loss']:.4f} nats/token, "
@@ -133,7 +133,7 @@ def _from_hf(cfg: ml_collections.ConfigDict):
         raise FileNotFoundError(f"init.from_hf={str(directory)!r}: no tokenizer.model (SentencePiece) there")
     imported_config, params = model.from_hf(directory)
     cfg = cfg.copy_and_resolve_references()
-    kept = {k: cfg.model[k] for k in ("dtype", "param_dtype", "remat", "scan_layers")}
+    kept = {k: cfg.model[k] for k in ("dtype", "param_dtype", "remat", "scan_layers", "attention")}
     cfg.model = ml_collections.ConfigDict({**dataclasses.asdict(imported_config), **kept})
     if not kept["scan_layers"]:
         layers = params.pop("layers")
@@ -142,11 +142,12 @@ def _from_hf(cfg: ml_collections.ConfigDict):
     return cfg, params
 
 
-def write_samples(cfg, model_config, params, corpus, workdir: pathlib.Path) -> None:
-    """Greedy and temperature-sampled continuations of the configured prompts."""
+def write_samples(cfg, model_config, params, corpus, workdir: pathlib.Path) -> str:
+    """Greedy and temperature-sampled continuations of the configured prompts. Every process
+    takes part in generating (the parameters may be sharded across hosts); the first writes
+    samples.txt and prints them. Returns the text, which the loop logs with the metrics."""
     tokenizer = corpus.tokenizer
     prompts = [[tokenizer.bos_id] + ids for ids in tokenizer.encode(list(cfg.sample.prompts))]
-    params = jax.device_get(params)
     lines = []
     for temperature in (0.0, cfg.sample.temperature):
         outputs = generate(
@@ -154,12 +155,13 @@ def write_samples(cfg, model_config, params, corpus, workdir: pathlib.Path) -> N
             temperature=temperature, rng=jax.random.key(cfg.train.seed), eos_id=tokenizer.eos_id,
         )
         label = "greedy" if temperature == 0.0 else f"temperature {temperature}"
-        for prompt, out in zip(cfg.sample.prompts, tokenizer.decode(outputs)):
+        for prompt, out in zip(cfg.sample.prompts, tokenizer.decode(outputs.tokens)):
             lines.append(f"--- {label} | prompt {prompt!r}\n{prompt}{out}\n")
     text = "\n".join(lines)
-    (workdir / "samples.txt").write_text(text)
-    tensorboard_text(workdir, "samples", text, cfg.train.steps)
-    print(text)
+    if jax.process_index() == 0:
+        (workdir / "samples.txt").write_text(text)
+        print(text)
+    return text
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ that already holds a run's `config.json` is resumed only with a config that diff
 settings a resumed run can take (`RESUMABLE`: more steps, logging, evaluation, checkpoint
 intervals, sampling, the mesh, where the token cache lies); any other difference (the model, data, batch, optimizer, seed) stops the
 run with the list of differing keys, and the workdir is left as it was.
+
+A workdir is local or on an object store (`gs://bucket/run`, `s3://...`): every file of a run
+is read and written through `etils.epath`.
 """
 
 from __future__ import annotations
@@ -14,11 +17,11 @@ import atexit
 import json
 import logging
 import os
-import pathlib
 import socket
 
 import jax
 import ml_collections
+from etils import epath
 
 from data import parallel
 
@@ -29,14 +32,27 @@ LOCK_FILE = "run.lock"
 # trajectory.
 RESUMABLE = (
     "train.steps", "train.log_every", "train.nonfinite", "eval.", "checkpoint.", "sample.", "mesh.",
-    "train.profile_steps", "data.cache_dir", "data.processes",
+    "train.profile_steps", "train.wandb_project", "data.cache_dir", "data.processes",
+    # Numerics-preserving implementation choices (the kernels agree to float32 rounding).
+    "model.attention", "model.remat", "train.loss_chunk",
 )
 
 
-def prepare(cfg: ml_collections.ConfigDict, workdir) -> pathlib.Path:
+def resolve(path) -> epath.Path:
+    """`path` as an `epath.Path`: an object-store URI as it is, a local path made absolute."""
+    path = epath.Path(path)
+    return path if is_remote(path) else path.resolve()
+
+
+def is_remote(path) -> bool:
+    """Whether `path` lies on an object store (gs://, s3://), not on a local filesystem."""
+    return "://" in os.fspath(epath.Path(path))
+
+
+def prepare(cfg: ml_collections.ConfigDict, workdir) -> epath.Path:
     """Create the workdir, lock it, check a resumed run's config and (on process 0) write the
-    run's config. Returns the absolute workdir."""
-    workdir = pathlib.Path(workdir).resolve()
+    run's config. Returns the workdir, absolute if local."""
+    workdir = resolve(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() != 0:
         return workdir
@@ -79,33 +95,45 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _lock(workdir: pathlib.Path) -> None:
+def _lock(workdir: epath.Path) -> None:
     path = workdir / LOCK_FILE
     me = {"host": socket.gethostname(), "pid": os.getpid()}
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            holder = json.loads(path.read_text() or "{}")
-            if holder == me:
-                return
-            if holder.get("host") == me["host"] and not parallel.process_running(holder.get("pid", -1)):
-                log.warning("taking over the stale lock of process %s (no longer running)", holder.get("pid"))
-                path.unlink(missing_ok=True)
-                continue
-            raise RuntimeError(
-                f"{workdir} is in use by process {holder.get('pid')} on {holder.get('host')} "
-                f"({path}); if no run is active there, delete that file"
-            ) from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        atexit.register(release, workdir)
-        return
+    while not _create(path, json.dumps(me)):
+        holder = json.loads(path.read_text() or "{}")
+        if holder == me:
+            return
+        if holder.get("host") == me["host"] and not parallel.process_running(holder.get("pid", -1)):
+            log.warning("taking over the stale lock of process %s (no longer running)", holder.get("pid"))
+            path.unlink(missing_ok=True)
+            continue
+        raise RuntimeError(
+            f"{workdir} is in use by process {holder.get('pid')} on {holder.get('host')} "
+            f"({path}); if no run is active there, delete that file"
+        )
+    atexit.register(release, workdir)
 
 
-def release(workdir: pathlib.Path) -> None:
+def _create(path: epath.Path, text: str) -> bool:
+    """Write `text` to a new file; False if the file exists. Atomic on a local filesystem; an
+    object store has no exclusive create, so there it is a check, a write and a read-back (two
+    runs started in the same instant may both pass)."""
+    if is_remote(path):
+        if path.exists():
+            return False
+        path.write_text(text)
+        return path.read_text() == text
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return True
+
+
+def release(workdir: epath.Path) -> None:
     """Give up this process's lock on the workdir (a no-op if another process holds it)."""
-    path = pathlib.Path(workdir) / LOCK_FILE
+    path = epath.Path(workdir) / LOCK_FILE
     try:
         holder = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):

@@ -167,7 +167,7 @@ def test_greedy_generation_matches_argmax_of_the_full_forward():
     params = model.init_params(config, jax.random.key(5))
     prompts = [[5, 9, 11], [7, 3, 2, 8, 1]]
     outputs = generate(config, params, prompts, max_new_tokens=4)
-    for prompt, out in zip(prompts, outputs):
+    for prompt, out in zip(prompts, outputs.tokens):
         sequence = list(prompt)
         for _ in range(4):
             logits = model.forward(config, params, jnp.asarray([sequence]))

@@ -85,3 +85,64 @@ def test_hyperparameters_reach_tensorboard(tmp_path):
     assert hparams["model.norm"].string_value == "rms"
     assert hparams["train.profile_steps"].string_value == "[2, 3]"
     assert '"steps": 5' in values["config/text_summary"].tensor.string_val[0].decode()
+
+
+def _wandb_records(path):
+    """The records of a W&B transaction log (`run-ID.wandb`): a 7-byte header, then LevelDB
+    log blocks of 32 KiB whose chunks (CRC, length, type) hold protobuf `Record`s."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    position, chunks = 7, []
+    while position + 7 <= len(data):
+        if 32768 - position % 32768 < 7:  # a block's tail too short for a chunk header
+            position += 32768 - position % 32768
+            continue
+        length, kind = struct.unpack("<HB", data[position + 4 : position + 7])
+        chunks.append(data[position + 7 : position + 7 + length])
+        position += 7 + length
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            yield Record.FromString(b"".join(chunks))
+            chunks = []
+
+
+def test_wandb_gets_the_scalars_hyperparameters_and_samples_and_resumes_the_run(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    writer = MetricsWriter(workdir, resume_step=0, wandb_project="lmx-test")
+    writer.hyperparameters({"train": {"steps": 5, "profile_steps": [2, 3]}, "model": {"norm": "rms"}})
+    writer.write(1, {"loss": 2.5, "lr": 1e-3})
+    writer.write(2, {"loss": 2.0, "lr": 2e-3})
+    writer.write(2, {"eval_loss": 2.25})
+    writer.text("samples", "def f():\n    return 1\n", 2)
+    writer.close()
+    writer = MetricsWriter(workdir, resume_step=2, wandb_project="lmx-test")
+    writer.write(3, {"loss": 1.5})
+    writer.close()
+    wandb.teardown()  # W&B's service writes the logs in the background: wait for it
+
+    first, resumed = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    run_id = (workdir / "wandb_run_id").read_text()
+    assert first.name.endswith(run_id) and resumed.name.endswith(run_id)
+    records = list(_wandb_records(first / f"run-{run_id}.wandb"))
+    history = [
+        {"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in r.history.item}
+        for r in records if r.HasField("history")
+    ]
+    scalars = [{k: v for k, v in row.items() if k in ("_step", "loss", "lr", "eval_loss")} for row in history]
+    assert scalars == [{"_step": 1, "loss": 2.5, "lr": 1e-3}, {"_step": 2, "loss": 2.0, "lr": 2e-3, "eval_loss": 2.25}]
+    assert history[1]["samples/_type"] == "table-file"
+    [table] = (first / "files" / "media" / "table").glob("samples_2_*.table.json")
+    assert json.loads(table.read_text())["data"] == [["def f():\n    return 1\n"]]
+    config = {
+        "/".join(item.nested_key) or item.key: json.loads(item.value_json)
+        for r in records if r.HasField("config") for item in r.config.update
+    }
+    assert config["train.steps"] == 5 and config["model.norm"] == "rms" and config["train.profile_steps"] == "[2, 3]"
+    resumed_history = [r for r in _wandb_records(resumed / f"run-{run_id}.wandb") if r.HasField("history")]
+    assert {item.key or item.nested_key[0]: item.value_json for item in resumed_history[0].history.item}["loss"] == "1.5"

@@ -236,6 +236,27 @@ def test_export_command_writes_a_model_and_tokenizer_transformers_loads(uninterr
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
 
 
+def test_sample_command_continues_prompts_with_the_runs_tokenizer(uninterrupted):
+    """`python -m model.sample` prints the greedy continuation `generate` gives in-process."""
+    from align import source
+    from model import sharding
+    from model.generate import generate
+
+    workdir = uninterrupted[0]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-m", "model.sample", f"--workdir={workdir}", "--prompt=def f", "--max_new_tokens=6"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    start = source.from_workdir(workdir)
+    params = start.load_params(sharding.make_mesh((-1, 1, 1), model_config=start.model_config))
+    tokenizer = start.tokenizer
+    out = generate(start.model_config, params, [[tokenizer.bos_id] + tokenizer.encode(["def f"])[0]],
+                   max_new_tokens=6, eos_id=tokenizer.eos_id)
+    assert f"--- log-prob {sum(out.logprobs[0]):.3f}\ndef f{tokenizer.decode(out.tokens)[0]}\n" in done.stdout
+    beams = subprocess.run(command + ["--beams=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert beams.returncode == 0 and "--- score " in beams.stdout, beams.stderr
+
+
 def test_pretraining_starts_from_imported_weights_with_their_tokenizer(uninterrupted, corpus_dir, tmp_path):
     from align import source
     from model import sharding
