@@ -10,7 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from align import data as align_data
-from align import losses, trees
+from align import losses, rl, trees
 from train import config as train_config
 
 
@@ -43,6 +43,27 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.kto = ml_collections.ConfigDict(dict(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0))
     c.reward = ml_collections.ConfigDict(dict(margin=0.0, center_coeff=0.0))
+    # PPO and GRPO (align/online.py): prompts from the task, rewards from its checker.
+    c.rl = ml_collections.ConfigDict(dict(
+        train_problems=2000,  # prompts drawn from the task's training split
+        samples_per_prompt=4,  # G: responses per prompt (GRPO's group); train.batch_size counts prompts
+        temperature=1.0,  # sampling temperature; every log-prob is of logits / temperature
+        epochs=1,  # passes over each rollout
+        minibatches=1,  # optimizer updates per pass
+        clip_eps=0.2,
+        kl_coef=0.05,  # PPO: the initial coefficient of the KL penalty; GRPO: of the k3 loss term
+        kl_estimator="k1",  # PPO's per-token KL in the reward: k1 | k2 | k3 (align/rl.py)
+        kl_target=0.0,  # PPO: > 0 turns on the adaptive controller (Ziegler et al.) toward it
+        kl_horizon=10_000,
+        gamma=1.0,
+        lam=0.95,
+        vf_coef=0.1,
+        clip_eps_value=0.2,
+        whiten_rewards=False,
+        missing_eos_penalty=0.0,  # PPO: subtracted from the score of responses without EOS
+        grpo_scale="std",  # "std" (GRPO) | "none" (Dr. GRPO)
+        grpo_aggregation="token",  # "token" | "sequence" | "dr_grpo"
+    ))
     # Held-out accuracy of the policy on a task with an exact checker (align/tasks/), measured
     # by greedy decoding at every evaluation; '' for none.
     c.task = ml_collections.ConfigDict(
@@ -95,4 +116,28 @@ def validate(cfg, n_devices: int, n_processes: int) -> None:
         f"must be below train.seq_len={cfg.train.seq_len}, to leave room for the response",
     )
     require(cfg.task.name in ("", "arithmetic"), "task.name", cfg.task.name, "expected '' or 'arithmetic'")
+    if cfg.method in ("ppo", "grpo"):
+        r = cfg.rl
+        require(cfg.task.name != "", "task.name", cfg.task.name, f"{cfg.method} takes its prompts and rewards from a task")
+        require(r.temperature > 0, "rl.temperature", r.temperature, "must be positive (the rollouts sample)")
+        require(r.epochs >= 1, "rl.epochs", r.epochs, "must be at least 1")
+        rows = cfg.train.batch_size * r.samples_per_prompt
+        require(
+            r.minibatches >= 1 and rows % r.minibatches == 0, "rl.minibatches", r.minibatches,
+            f"must divide the rollout's {rows} rows (train.batch_size x rl.samples_per_prompt)",
+        )
+        require(
+            (rows // r.minibatches) % n_devices == 0, "rl.minibatches", r.minibatches,
+            f"a minibatch of {rows // r.minibatches} rows does not split over {n_devices} devices",
+        )
+        require(r.kl_estimator in rl.KL_ESTIMATORS, "rl.kl_estimator", r.kl_estimator, f"expected one of {rl.KL_ESTIMATORS}")
+        require(r.grpo_scale in rl.GRPO_SCALES, "rl.grpo_scale", r.grpo_scale, f"expected one of {rl.GRPO_SCALES}")
+        require(
+            r.grpo_aggregation in rl.GRPO_AGGREGATIONS, "rl.grpo_aggregation", r.grpo_aggregation,
+            f"expected one of {rl.GRPO_AGGREGATIONS}",
+        )
+        require(
+            cfg.method == "ppo" or r.samples_per_prompt >= 2, "rl.samples_per_prompt", r.samples_per_prompt,
+            "GRPO compares samples of one prompt: at least 2",
+        )
     train_config.validate(cfg, n_devices, n_processes)

@@ -1,4 +1,4 @@
-"""Post-training entry point: SFT, DPO, KTO and reward models on the shared training loop.
+"""Post-training entry point: SFT, DPO, KTO, reward models, PPO and GRPO on the shared training loop.
 
   python -m align.train --config=experiments/align/arithmetic_sft.py --workdir=runs/sft \
       [--config.method=dpo --config.init.from_workdir=runs/sft --config.lora.rank=8 ...]
@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 
 from align import config as align_config
 from align import data as align_data
-from align import dpo, kto, plots, reward, sft, source, trees
+from align import dpo, kto, online, plots, reward, sft, source, trees
 from align.logprobs import response_logps
 from align.tasks import arithmetic
 from model import flops_per_token, param_counts, sharding
@@ -120,21 +120,33 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.Res
     mesh = sharding.make_mesh(cfg.mesh.to_dict(), model_config=model_config)
     tokenizer = start.tokenizer
 
-    kind, seq_len = DATA_KIND[cfg.method], cfg.train.seq_len
-    train_examples, train_report = align_data.load(kind, cfg.data, tokenizer, split="train", seq_len=seq_len)
-    eval_examples, eval_report = align_data.load(kind, cfg.data, tokenizer, split="eval", seq_len=seq_len)
+    online_rl = cfg.method in online.METHODS
+    kind, seq_len = DATA_KIND.get(cfg.method), cfg.train.seq_len
+    if online_rl:
+        problems, train_examples = online.prompt_examples(cfg, tokenizer, "train")
+        eval_examples, train_report, eval_report = [], {"prompts": len(train_examples)}, {}
+    else:
+        train_examples, train_report = align_data.load(kind, cfg.data, tokenizer, split="train", seq_len=seq_len)
+        eval_examples, eval_report = align_data.load(kind, cfg.data, tokenizer, split="eval", seq_len=seq_len)
     workdir = workdir_lib.prepare(cfg, workdir)
     if is_primary:
         tokenizer.save(workdir / source.TOKENIZER_FILE)
         report = {"train": train_report, "eval": eval_report}
         (workdir / "data_report.json").write_text(json.dumps(report, indent=2, default=str))
 
-    optimizer = make_optimizer(cfg.optimizer, cfg.train.steps)
+    # Online RL makes epochs x minibatches updates per step: the schedule spans them all.
+    updates_per_step = cfg.rl.epochs * cfg.rl.minibatches if online_rl else 1
+    optimizer_cfg = cfg.optimizer.copy_and_resolve_references()
+    optimizer_cfg.warmup_steps *= updates_per_step
+    optimizer = make_optimizer(optimizer_cfg, cfg.train.steps * updates_per_step)
     params_boxed, frozen_boxed = trees.boxed_trees(cfg, model_config)
     shardings = state_shardings(optimizer, mesh, params_boxed, frozen_boxed)
-    loss_fn = LOSSES[cfg.method](cfg, model_config)
-    train_step = compile_train_step(loss_fn, optimizer, mesh, shardings, microbatches=cfg.train.microbatches)
-    eval_step = compile_eval_step(loss_fn, mesh, shardings.params, shardings.frozen)
+    if online_rl:
+        train_step = online.train_step_fn(cfg, model_config, tokenizer, problems, optimizer, mesh, shardings)
+    else:
+        loss_fn = LOSSES[cfg.method](cfg, model_config)
+        train_step = compile_train_step(loss_fn, optimizer, mesh, shardings, microbatches=cfg.train.microbatches)
+        eval_step = compile_eval_step(loss_fn, mesh, shardings.params, shardings.frozen)
 
     def new_trees():
         policy = start.load_params(mesh)
@@ -180,12 +192,22 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.Res
         reference_set = eval_examples or train_examples
         return _normalize_rewards(cfg, model_config, mesh, shardings, state, reference_set)
 
-    rows_per_example = 1 if kind == "sft" else 2
-    tokens_per_step = cfg.train.batch_size * rows_per_example * seq_len
     flops = flops_per_token(model_config, seq_len)["total"]  # forward and backward: 6N + attention
-    flops_per_step = flops * tokens_per_step
-    if trees.online_reference(cfg):
-        flops_per_step += flops / 3 * tokens_per_step  # the reference's forward pass
+    if online_rl:
+        rows = cfg.train.batch_size * cfg.rl.samples_per_prompt
+        response = cfg.task.max_new_tokens
+        row_len = cfg.data.max_prompt_len + response - 1
+        flops = flops_per_token(model_config, row_len)["total"]
+        tokens_per_step = rows * row_len
+        # Updates, the old and reference forward passes, and one forward per sampled token.
+        flops_per_step = flops * tokens_per_step * (updates_per_step / cfg.rl.minibatches + 2 / 3)
+        flops_per_step += flops / 3 * rows * response
+    else:
+        rows_per_example = 1 if kind == "sft" else 2
+        tokens_per_step = cfg.train.batch_size * rows_per_example * seq_len
+        flops_per_step = flops * tokens_per_step
+        if trees.online_reference(cfg):
+            flops_per_step += flops / 3 * tokens_per_step  # the reference's forward pass
     counts = param_counts(model_config)
     trainable = sum(x.size for x in jax.tree.leaves(params_boxed))
     log.info(
@@ -195,8 +217,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.Res
     )
     job = loop.Job(
         train_step=train_step,
-        batches=align_data.train_iterator(
-            train_examples, kind, seq_len=seq_len, seed=cfg.train.seed, **_shard_args(cfg.train.batch_size)
+        batches=(
+            online.prompt_iterator(train_examples, seed=cfg.train.seed, **_shard_args(cfg.train.batch_size))
+            if online_rl else
+            align_data.train_iterator(
+                train_examples, kind, seq_len=seq_len, seed=cfg.train.seed, **_shard_args(cfg.train.batch_size)
+            )
         ),
         new_state=new_state,
         abstract_state=abstract_state(optimizer, mesh, params_boxed, frozen_boxed),

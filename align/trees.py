@@ -4,8 +4,10 @@
     params["lora"]         LoRA adapters, when `lora.rank > 0`; then frozen["base"] holds the
                            weights they adapt, and the reference policy is the base alone
     params["score"]        the reward model's scalar head: w [D], b []
-    frozen["reference"]    DPO/KTO reference policy with an online reference and no LoRA
+    params["value"]        PPO's value head on the policy's hidden states: w [D], b [] (zero)
+    frozen["reference"]    the reference policy of DPO (online), KTO, PPO and GRPO without LoRA
     frozen["normalization"] the reward model's mean and std on a reference set
+    frozen["kl_coef"]      PPO's KL coefficient (the adaptive controller changes it)
 
 Each tree is given boxed (shapes plus logical axis names), as `train.state` expects.
 """
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 import model
 from align import lora
 
-METHODS = ("sft", "dpo", "kto", "reward")
+METHODS = ("sft", "dpo", "kto", "reward", "ppo", "grpo")
 
 
 def uses_lora(cfg) -> bool:
@@ -27,8 +29,8 @@ def uses_lora(cfg) -> bool:
 
 
 def online_reference(cfg) -> bool:
-    """Whether the loss runs a frozen reference policy itself (DPO and KTO)."""
-    return cfg.method == "kto" or (cfg.method == "dpo" and cfg.dpo.reference == "online")
+    """Whether the method runs a frozen reference policy itself (KTO, PPO, GRPO, online DPO)."""
+    return cfg.method in ("kto", "ppo", "grpo") or (cfg.method == "dpo" and cfg.dpo.reference == "online")
 
 
 def score_head(d_model: int, key) -> dict:
@@ -55,6 +57,12 @@ def trees(cfg, model_config: model.ModelConfig, policy_params, key):
     if cfg.method == "reward":
         params["score"] = score_head(model_config.d_model, score_key)
         frozen["normalization"] = {"mean": jnp.zeros((), jnp.float32), "std": jnp.ones((), jnp.float32)}
+    if cfg.method == "ppo":
+        params["value"] = {
+            "w": nn.Partitioned(jnp.zeros((model_config.d_model,), jnp.float32), names=("embed",)),
+            "b": jnp.zeros((), jnp.float32),
+        }
+        frozen["kl_coef"] = jnp.asarray(cfg.rl.kl_coef, jnp.float32)
     return params, frozen
 
 

@@ -53,6 +53,7 @@ def main(argv):
         n_layer=_LAYERS.value, n_head=_HEADS.value, n_embd=_WIDTH.value, vocab_size=_VOCAB.value,
         n_positions=max(1024, _PROMPT.value + _NEW.value),
     )
+    transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(0)
     hf_model = transformers.GPT2LMHeadModel(hf_config).eval()
     with tempfile.TemporaryDirectory() as directory:

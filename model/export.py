@@ -23,6 +23,7 @@ from safetensors.numpy import save_file
 
 from model import sharding
 from model.config import ModelConfig
+from model.transformer import layer_params
 
 
 def family(config: ModelConfig) -> str:
@@ -43,8 +44,7 @@ def to_hf(config: ModelConfig, params, out: pathlib.Path, tokenizer_model: epath
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     params = jax.tree.map(lambda a: np.asarray(a, np.float32), jax.device_get(params))
-    layers = [jax.tree.map(lambda a: a[i], params["layers"]) for i in range(config.n_layers)] if config.scan_layers \
-        else [params[f"layer_{i}"] for i in range(config.n_layers)]
+    layers = layer_params(config, params)
     kind = family(config)
     hf_config, tensors = (_gpt2 if kind == "gpt2" else _llama)(config, params, layers)
     if not config.tie_embeddings:

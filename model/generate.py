@@ -28,7 +28,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from model.config import ModelConfig
-from model.transformer import decode_step, init_cache, prefill
+from model.transformer import decode_step, init_cache, prefill, unrolled
 
 
 @flax.struct.dataclass
@@ -87,12 +87,15 @@ def next_token(logits_BV, counts_BV, key, s: Sampling):
         - s.presence_penalty * (counts_BV > 0)
         - s.frequency_penalty * counts_BV
     )
-    greedy_B = jnp.argmax(steered_BV, axis=-1)
-    scaled_BV = steered_BV / jnp.maximum(s.temperature, 1e-6)
-    filtering = (s.top_k > 0) | (s.top_p < 1.0) | (s.min_p > 0.0)
-    scaled_BV = jax.lax.cond(filtering, _filter_logits, lambda x, _: x, scaled_BV, s)
-    sampled_B = jax.random.categorical(key, scaled_BV, axis=-1)
-    token_B = jnp.where(s.temperature > 0, sampled_B, greedy_B).astype(jnp.int32)
+
+    def sample(steered_BV):
+        scaled_BV = steered_BV / s.temperature
+        filtering = (s.top_k > 0) | (s.top_p < 1.0) | (s.min_p > 0.0)
+        scaled_BV = jax.lax.cond(filtering, _filter_logits, lambda x, _: x, scaled_BV, s)
+        return jax.random.categorical(key, scaled_BV, axis=-1)
+
+    greedy = lambda steered_BV: jnp.argmax(steered_BV, axis=-1)
+    token_B = jax.lax.cond(s.temperature > 0, sample, greedy, steered_BV).astype(jnp.int32)
     return token_B, jnp.take_along_axis(logprobs_BV, token_B[:, None], axis=-1)[:, 0]
 
 
@@ -121,9 +124,12 @@ def _prefill_prompts(config, params, prompts_BP, lengths_B, cache_len):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "capacity"))
-def _sample(config, params, prompts_BP, lengths_B, budget_B, rng, sampling, eos_id, *, capacity):
-    """Up to `capacity` new tokens per row (each row stops at EOS or its budget)."""
+def sample_padded(config, params, prompts_BP, lengths_B, budget_B, rng, sampling, eos_id, *, capacity):
+    """(tokens [B, capacity], log-probs [B, capacity]) continuing left-padded prompts (row b's
+    last `lengths_B[b]` slots are its prompt); row b stops after EOS or `budget_B[b]` tokens,
+    and what follows is EOS with log-prob 0. Callable inside a jitted function (rollouts)."""
     B, P = prompts_BP.shape
+    config, params = unrolled(config, params)
     logits_BV, cache = _prefill_prompts(config, params, prompts_BP, lengths_B, P + capacity)
     state = {
         "logits": logits_BV,
@@ -202,7 +208,7 @@ def generate(
     padded, lengths = _left_padded(prompts, batch, min(_bucket(longest), config.max_seq_len - capacity))
     budgets = np.where(np.arange(batch) < len(prompts), max_new_tokens, 0).astype(np.int32)
     stop_id = -1 if eos_id is None else eos_id
-    tokens, logprobs = _sample(
+    tokens, logprobs = sample_padded(
         config, params, padded, lengths, budgets, jax.random.key(0) if rng is None else rng,
         sampling.as_arrays(), jnp.int32(stop_id), capacity=capacity,
     )
@@ -221,10 +227,12 @@ def _beam_search(config, params, prompts_BP, lengths_B, budget, eos_id, length_p
     """
     B, P = prompts_BP.shape
     W = beams
+    config, params = unrolled(config, params)
     logits_BV, cache = _prefill_prompts(config, params, prompts_BP, lengths_B, P + capacity)
+    per_layer = lambda buffers, take: tuple(take(b) for b in buffers)  # the unrolled cache
     cache = {
-        "k": jnp.repeat(cache["k"], W, axis=1),
-        "v": jnp.repeat(cache["v"], W, axis=1),
+        "k": per_layer(cache["k"], lambda b: jnp.repeat(b, W, axis=0)),
+        "v": per_layer(cache["v"], lambda b: jnp.repeat(b, W, axis=0)),
         "segment_ids": jnp.repeat(cache["segment_ids"], W, axis=0),
         "index": cache["index"],
     }
@@ -265,7 +273,7 @@ def _beam_search(config, params, prompts_BP, lengths_B, budget, eos_id, length_p
         parent_BW = take(beam_BC, alive)
         rows_R = (jnp.arange(B)[:, None] * W + parent_BW).reshape(-1)
         cache = state["cache"]
-        cache = {**cache, "k": cache["k"][:, rows_R], "v": cache["v"][:, rows_R]}
+        cache = {**cache, "k": per_layer(cache["k"], lambda b: b[rows_R]), "v": per_layer(cache["v"], lambda b: b[rows_R])}
         next_R = take(token_BC, alive).reshape(-1)
         logits_RV, cache = decode_step(config, params, next_R, cache, positions=positions_R + t)
         # Done once W have finished and the best alive score, at any longer length, cannot win.

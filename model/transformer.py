@@ -102,20 +102,11 @@ class Attention(nn.Module):
         k_BTKH = constrain(k_BTKH, ("batch", "length", "kv_heads", "head_dim"))
         v_BTKH = constrain(v_BTKH, ("batch", "length", "kv_heads", "head_dim"))
 
-        if kv_cache is not None:
-            # The new keys and values are written into the whole stack's cache in place
-            # (`layer` indexes its leading axis), so a decode step copies no cache.
-            start = (layer, 0, cache_index, 0, 0)
-            kv_cache = {
-                name: jax.lax.dynamic_update_slice(kv_cache[name], new[None].astype(kv_cache[name].dtype), start)
-                for name, new in (("k", k_BTKH), ("v", v_BTKH))
-            }
-            k_BTKH, v_BTKH = kv_cache["k"][layer].astype(dt), kv_cache["v"][layer].astype(dt)
-
         if kv_cache is None:  # attention_inputs: segment ids [B, T] or None
             out_BTNH = attend(q_BTNH, k_BTKH, v_BTKH, attention_inputs, implementation=c.attention)
         else:  # attention_inputs: the mask [B, T, S] over the cache's slots
-            out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=attention_inputs[:, None])
+            kv_cache, k_BKSH, v_BKSH = _write_cache(kv_cache, layer, cache_index, k_BTKH, v_BTKH)
+            out_BTNH = _cached_attention(q_BTNH, k_BKSH.astype(dt), v_BKSH.astype(dt), attention_inputs)
         out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, w_o.astype(dt))
         if c.use_bias:
             out_BTD += _param(self, "o_bias", (D,), ("embed",), nn.initializers.zeros).astype(dt)
@@ -273,23 +264,55 @@ def hidden_states(config: ModelConfig, params, tokens_BT, *, segment_ids=None, p
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None):
-    """An empty KV cache for `max_len` positions. Slots with segment id 0 are empty."""
-    shape = (config.n_layers, batch_size, max_len, config.n_kv_heads, config.head_dim)
+    """An empty KV cache for `max_len` positions; slots with segment id 0 are empty. Keys and
+    values are laid out [B, K, S, H] per layer, the operand layout of the attention matmuls
+    (so no step transposes the cache): one [L, B, K, S, H] array each for a scanned stack, a
+    tuple of L arrays for unrolled layers (what decoding uses: each layer then writes and
+    reads its own buffer, no slice of a stack)."""
+    shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
     dtype = jnp.dtype(dtype or config.dtype)
+    if config.scan_layers:
+        empty = lambda: jnp.zeros((config.n_layers, *shape), dtype)
+    else:
+        empty = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
     return {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
+        "k": empty(),
+        "v": empty(),
         "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32),
         "index": jnp.zeros((), jnp.int32),
     }
 
 
-CACHE_AXES = {
-    "k": ("layers", "batch", "cache_length", "kv_heads", "head_dim"),
-    "v": ("layers", "batch", "cache_length", "kv_heads", "head_dim"),
-    "segment_ids": ("batch", "cache_length"),
-    "index": (),
-}
+def _write_cache(kv_cache, layer, index, k_BTKH, v_BTKH):
+    """Write T new keys and values at slot `index` of `layer`'s cache, in place (the buffers
+    are updated with dynamic_update_slice, never copied); returns (cache, the layer's keys
+    [B, K, S, H], its values)."""
+    updated = {}
+    for name, new_BTKH in (("k", k_BTKH), ("v", v_BTKH)):
+        buffer = kv_cache[name]
+        new_BKTH = new_BTKH.transpose(0, 2, 1, 3)
+        if isinstance(buffer, tuple):  # unrolled layers: `layer` is a Python int
+            layer_BKSH = jax.lax.dynamic_update_slice(buffer[layer], new_BKTH.astype(buffer[layer].dtype), (0, 0, index, 0))
+            updated[name] = buffer[:layer] + (layer_BKSH,) + buffer[layer + 1:]
+        else:  # a scanned stack: `layer` is traced, the stack's leading axis
+            updated[name] = jax.lax.dynamic_update_slice(buffer, new_BKTH[None].astype(buffer.dtype), (layer, 0, 0, index, 0))
+            layer_BKSH = updated[name][layer]
+        updated[name + "_layer"] = layer_BKSH
+    cache = {"k": updated["k"], "v": updated["v"]}
+    return cache, updated["k_layer"], updated["v_layer"]
+
+
+def _cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_BTS):
+    """Attention of T new queries over the cache's S slots; G = N // K query heads share a
+    kv head. Scores and softmax in float32."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BKSH.shape[1]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    scores_BKGTS = jnp.einsum("BTKGH,BKSH->BKGTS", q_BTKGH, k_BKSH, preferred_element_type=jnp.float32)
+    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS / jnp.sqrt(H).astype(jnp.float32), -1e30)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BKSH.dtype)
+    out_BTKGH = jnp.einsum("BKGTS,BKSH->BTKGH", probs_BKGTS, v_BKSH)
+    return out_BTKGH.reshape(B, T, N, H)
 
 
 def prefill(config: ModelConfig, params, tokens_BT, cache, *, segment_ids=None, positions=None):
@@ -322,6 +345,24 @@ def decode_step(config: ModelConfig, params, tokens_B, cache, *, positions=None,
         positions=None if positions is None else positions[:, None],
     )
     return logits[:, 0], cache
+
+
+def layer_params(config: ModelConfig, params) -> list:
+    """Each layer's parameter tree, from either layout (stacked under "layers" or "layer_i")."""
+    if config.scan_layers:
+        return [jax.tree.map(lambda a: a[i], params["layers"]) for i in range(config.n_layers)]
+    return [params[f"layer_{i}"] for i in range(config.n_layers)]
+
+
+def unrolled(config: ModelConfig, params):
+    """(config, params) of the same model with its layers unrolled (`scan_layers=False`).
+    Decoding uses it: in a scanned stack every layer's weights are sliced out of the stack
+    anew for each token, a copy of the whole model per token."""
+    if not config.scan_layers:
+        return config, params
+    layers = layer_params(config, params)
+    params = {k: v for k, v in params.items() if k != "layers"}
+    return config.replace(scan_layers=False), {**params, **{f"layer_{i}": layer for i, layer in enumerate(layers)}}
 
 
 def _boxed_params(config: ModelConfig, rng):

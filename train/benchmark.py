@@ -23,7 +23,7 @@ from model import sharding
 from train.cli import run_program
 from train.metrics import peak_flops_per_device
 from train.optimizer import make_optimizer
-from train.state import create_state
+from train.state import abstract_state, create_state
 from train.step import compile_steps
 
 _PRESET = flags.DEFINE_string("preset", "gpt2-124m", "Model preset (model.PRESETS).")
@@ -33,6 +33,11 @@ _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Comput
 _REMAT = flags.DEFINE_enum("remat", "none", ["none", "full", "dots"], "Remat policy.")
 _SCAN = flags.DEFINE_bool("scan_layers", True, "Scan over layers.")
 _ATTENTION = flags.DEFINE_enum("attention", "auto", model.attention.IMPLEMENTATIONS, "Attention kernel (model/attention.py).")
+_VOCAB = flags.DEFINE_integer("vocab_size", 0, "Vocabulary (0: the preset's).", lower_bound=0)
+_COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only", False, "Compile against the abstract state and print its memory, without running "
+    "(no buffers are allocated: a model larger than the device can be sized)."
+)
 _LOSS_CHUNK = flags.DEFINE_integer("loss_chunk", 0, "Positions per piece of the chunked head and loss (0: all).", lower_bound=0)
 _MICRO = flags.DEFINE_integer("microbatches", 1, "Gradient-accumulation micro-batches.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after two warm-up steps).")
@@ -119,6 +124,7 @@ def main(argv):
     config = model.get_config(
         _PRESET.value, dtype=_DTYPE.value, remat=_REMAT.value, scan_layers=_SCAN.value, attention=_ATTENTION.value,
         max_seq_len=max(_SEQ.value, model.get_config(_PRESET.value).max_seq_len),
+        vocab_size=_VOCAB.value or model.get_config(_PRESET.value).vocab_size,
     )
     mesh = sharding.make_mesh([int(s) for s in _MESH.value], model_config=config)
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -137,6 +143,14 @@ def main(argv):
     )
     batch = synthetic_batch(_BATCH.value, _SEQ.value, config.vocab_size, _DOCS.value)
 
+    if _COMPILE_ONLY.value:
+        abstract = abstract_state(optimizer, mesh, model.abstract_params(config))
+        with jax.set_mesh(mesh):
+            memory = train_step.lower(abstract, batch).compile().memory_analysis()
+        print(f"model              {_PRESET.value}, vocabulary {config.vocab_size:,}: {model.param_counts(config)['total']:,} params")
+        print(f"batch              {_BATCH.value} x {_SEQ.value} tokens; attention {model.attention.resolve(config.attention, _SEQ.value)}; loss chunk {_LOSS_CHUNK.value or 'none'}")
+        print_memory(memory)
+        return
     with jax.set_mesh(mesh):
         state = create_state(config, optimizer, mesh, seed=0)
         compile_s, times, compiled_memory = time_steps(train_step, state, batch, _STEPS.value)
@@ -160,13 +174,19 @@ def main(argv):
     print(f"achieved           {achieved / 1e12:.2f} TFLOP/s")
     print(f"MFU                {achieved / (peak * jax.device_count()):.1%}" if peak else "MFU                n/a (no peak FLOP/s known for this device)")
     print(f"peak memory        {memory / 2**30:.2f} GiB" if memory else "peak memory        n/a (not reported by this backend)")
-    if compiled_memory is not None:
-        gib = lambda n: f"{n / 2**30:.2f} GiB"
-        print(
-            f"compiled step      arguments {gib(compiled_memory.argument_size_in_bytes)}, temporaries "
-            f"{gib(compiled_memory.temp_size_in_bytes)}, outputs {gib(compiled_memory.output_size_in_bytes)} "
-            f"({gib(compiled_memory.alias_size_in_bytes)} aliased to the donated arguments), per device"
-        )
+    print_memory(compiled_memory)
+
+
+def print_memory(analysis) -> None:
+    """The compiled step's buffers per device, from XLA's memory analysis."""
+    if analysis is None:
+        return
+    gib = lambda n: f"{n / 2**30:.2f} GiB"
+    print(
+        f"compiled step      arguments {gib(analysis.argument_size_in_bytes)}, temporaries "
+        f"{gib(analysis.temp_size_in_bytes)}, outputs {gib(analysis.output_size_in_bytes)} "
+        f"({gib(analysis.alias_size_in_bytes)} aliased to the donated arguments), per device"
+    )
 
 
 if __name__ == "__main__":

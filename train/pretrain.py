@@ -136,8 +136,7 @@ def _from_hf(cfg: ml_collections.ConfigDict):
     kept = {k: cfg.model[k] for k in ("dtype", "param_dtype", "remat", "scan_layers", "attention")}
     cfg.model = ml_collections.ConfigDict({**dataclasses.asdict(imported_config), **kept})
     if not kept["scan_layers"]:
-        layers = params.pop("layers")
-        params.update({f"layer_{i}": jax.tree.map(lambda a: a[i], layers) for i in range(imported_config.n_layers)})
+        params = model.transformer.unrolled(imported_config, params)[1]
     cfg.data.tokenizer.path = str(tokenizer)
     return cfg, params
 

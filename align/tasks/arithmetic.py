@@ -196,9 +196,15 @@ def is_correct(problem: Problem, response: str) -> bool:
 
 def reward(problem: Problem, response: str) -> float:
     """1.0 for the right answer, PARTIAL_CREDIT for a well-formed wrong one, 0.0 if malformed."""
-    if is_correct(problem, response):
-        return 1.0
-    return 0.0 if extract_answer(response) is None else PARTIAL_CREDIT
+    return reward_of_answer(problem.answer, response)
+
+
+def reward_of_answer(answer: int, response: str) -> float:
+    """`reward` for a problem whose answer is `answer`."""
+    stated = extract_answer(response)
+    if stated is None:
+        return 0.0
+    return 1.0 if stated == answer else PARTIAL_CREDIT
 
 
 def _check_lengths(problems, responses, what):

@@ -4,7 +4,8 @@
   python -m align.train --config=experiments/align/arithmetic.py:dpo --workdir=runs/arithmetic/dpo
 
 Variants: sft, dpo (with the chosen responses' NLL added, which keeps their likelihood from
-falling), dpo_plain (the original loss alone), dpo_lora, kto, reward. The data files are written by
+falling), dpo_plain (the original loss alone), dpo_lora, kto, reward, and the online methods
+ppo and grpo (prompts from the task, rewards from its checker). The data files are written by
 `python -m experiments.align.pipeline`, which runs every stage in order (and the pretraining
 the SFT starts from, if its workdir has none).
 """
@@ -12,7 +13,7 @@ the SFT starts from, if its workdir has none).
 from align.config import base_config
 
 ROOT = "runs/arithmetic"
-VARIANTS = ("sft", "dpo", "dpo_plain", "dpo_lora", "kto", "reward")
+VARIANTS = ("sft", "dpo", "dpo_plain", "dpo_lora", "kto", "reward", "ppo", "grpo")
 
 
 def get_config(variant: str = "sft"):
@@ -35,6 +36,18 @@ def get_config(variant: str = "sft"):
         c.checkpoint.every_steps = 100
         return c
     c.init.from_workdir = f"{ROOT}/sft"
+    if variant in ("ppo", "grpo"):
+        c.method = variant
+        c.train.update(steps=250, batch_size=16)  # prompts per step; x samples_per_prompt rows
+        c.rl.update(train_problems=5000, samples_per_prompt=8, temperature=1.0, epochs=2, minibatches=2)
+        c.eval.every_steps = 50
+        c.checkpoint.every_steps = 50
+        c.optimizer.update(lr=3e-5, warmup_steps=5, schedule="constant")
+        if variant == "ppo":
+            c.rl.update(kl_coef=0.02, kl_estimator="k1", vf_coef=0.1, gamma=1.0, lam=0.95)
+        else:
+            c.rl.update(kl_coef=0.02, grpo_scale="std", grpo_aggregation="token")
+        return c
     pairs = dict(train_paths=(f"{ROOT}/data/pairs_train.jsonl",), eval_paths=(f"{ROOT}/data/pairs_eval.jsonl",))
     c.data.update(pairs)
     c.train.steps = 150

@@ -7,10 +7,11 @@
 2. SFT on addition and subtraction problems (`experiments/align/arithmetic.py:sft`);
 3. the SFT model's own samples on training problems, scored by the exact checker, give
    preference pairs (a right answer chosen, a wrong one rejected) and KTO examples;
-4. DPO with and without the SFT term, DPO with LoRA, KTO, and a reward model on those pairs.
+4. DPO with and without the SFT term, DPO with LoRA, KTO, and a reward model on those pairs;
+5. PPO and GRPO from the SFT model, sampling training problems and scored by the checker.
 
 Each stage resumes or is skipped when its workdir holds a finished run. At the end it prints
-the table of held-out accuracies and writes `summary.json` and `accuracy.png`.
+the table of held-out accuracies and writes `summary.json`, `accuracy.png` and `online.png`.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ _SAMPLES = flags.DEFINE_integer("samples", 4, "Samples per problem for pairs.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature for pairs.")
 
 log = logging.getLogger("pipeline")
-_SAMPLE_BATCH = 512  # prompts per generation call: one compilation serves every batch
+_SAMPLE_BATCH = 512  # prompts per generation call
 
 
 def _finished(workdir: pathlib.Path, steps: int) -> bool:
@@ -64,14 +65,12 @@ def sample(
     for draw in range(n):
         for begin in range(0, len(prompts), _SAMPLE_BATCH):
             batch = prompts[begin : begin + _SAMPLE_BATCH]
-            # Full batches compile once: pad the last one with copies of its first prompt.
-            padded = batch + [batch[0]] * (_SAMPLE_BATCH - len(batch))
             outputs = generate(
-                start.model_config, params, padded, max_new_tokens=max_new_tokens, temperature=temperature,
+                start.model_config, params, batch, max_new_tokens=max_new_tokens, temperature=temperature,
                 rng=jax.random.fold_in(jax.random.key(seed), draw * len(prompts) + begin),
                 eos_id=tokenizer.eos_id,
             )
-            for offset, text in enumerate(tokenizer.decode(outputs[: len(batch)])):
+            for offset, text in enumerate(tokenizer.decode(outputs.tokens)):
                 samples[begin + offset].append(text)
     return samples
 
@@ -143,6 +142,34 @@ def plot_summary(root: pathlib.Path, out_path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+def plot_online(root: pathlib.Path, out_path: pathlib.Path) -> None:
+    """PPO and GRPO by step: the mean task reward of the sampled responses, their KL to the
+    reference (summed over the response, k1), and greedy held-out accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sft_accuracy = [r["eval_accuracy"] for r in read_metrics(root / "sft" / "metrics.jsonl") if "eval_accuracy" in r][-1]
+    fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.8))
+    for variant in ("ppo", "grpo"):
+        rows = read_metrics(root / variant / "metrics.jsonl")
+        steps = [r["step"] for r in rows if "objective/scores" in r]
+        axes[0].plot(steps, [r["objective/scores"] for r in rows if "objective/scores" in r], lw=1, label=variant)
+        axes[1].plot(steps, [r["objective/kl"] for r in rows if "objective/kl" in r], lw=1, label=variant)
+        points = [(0, sft_accuracy)] + [(r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
+        axes[2].plot(*zip(*points), "o-", ms=3, label=variant)
+    titles = ("task reward of the samples (train)", "KL to the SFT model (nats per response)", "held-out accuracy (greedy)")
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step after SFT")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+
+
 def table(summary: dict) -> str:
     """The results as a Markdown table: greedy accuracy and mean task reward on held-out
     problems; on held-out pairs, the implicit (DPO) or learned (reward model) pairwise accuracy."""
@@ -176,6 +203,7 @@ def main(argv):
         summary[variant] = run_stage(root, variant, root / "sft")
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_summary(root, root / "accuracy.png")
+    plot_online(root, root / "online.png")
     print(table(summary))
 
 

@@ -151,6 +151,65 @@ def test_dpo_killed_resumes_on_the_uninterrupted_trajectory(sft_run, data_dir, t
     assert _losses(killed) == losses
 
 
+def rl_cfg(method, init, data_dir, **sections):
+    cfg = align_cfg(method, init, data_dir, task=dict(name="arithmetic", problems=8, max_new_tokens=4))
+    cfg.train.update(steps=4, batch_size=8)
+    cfg.rl.update(train_problems=64, samples_per_prompt=2)
+    for section, values in sections.items():
+        cfg[section].update(values)
+    return cfg
+
+
+@pytest.mark.parametrize("method", ["ppo", "grpo"])
+def test_the_first_minibatch_of_each_rollout_is_on_policy(method, sft_run, data_dir, tmp_path):
+    """One epoch of one minibatch: every update is the first of its rollout, so the policy is
+    the sampler: ratio exactly 1, nothing clipped, approximate KL 0; the metrics carry their
+    usual names."""
+    cfg = rl_cfg(method, sft_run[0], data_dir, rl=dict(kl_target=6.0) if method == "ppo" else {})
+    result = align_train.run(cfg, tmp_path)
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for row in rows:
+        assert row["policy/ratio_avg"] == 1.0 and row["policy/clipfrac_avg"] == 0.0
+        assert 0.0 <= row["objective/scores"] <= 1.0 and 1.0 <= row["response_length"] <= 4.0
+    assert rows[0]["objective/kl"] == 0.0  # the policy starts as the reference
+    if method == "ppo":
+        assert all(r["policy/approxkl_avg"] == 0.0 and r["val/clipfrac_avg"] == 0.0 for r in rows)
+        assert rows[0]["objective/kl_coef"] == pytest.approx(cfg.rl.kl_coef, rel=1e-6)
+        # KL far below the target 6: the controller's error clips at -0.2, so each of the 4
+        # steps multiplies the coefficient by 1 - 0.2 x 16 rollouts / horizon 10^4.
+        coef = float(result.state.frozen["kl_coef"])
+        assert coef == pytest.approx(cfg.rl.kl_coef * (1 - 0.2 * 16 / 10_000) ** 4, rel=1e-6)
+    else:
+        assert all(0.0 <= r["zero_variance_groups"] <= 1.0 for r in rows)
+    assert "eval_accuracy" in result.last_eval
+
+
+def test_ppo_killed_resumes_on_the_uninterrupted_trajectory(sft_run, data_dir, tmp_path_factory):
+    cfg = rl_cfg(
+        # The tiny model's answers are all wrong and score 0: the penalty for responses
+        # without EOS (none ends within 4 tokens) gives the advantages something to follow.
+        "ppo", sft_run[0], data_dir, train=dict(steps=8), rl=dict(epochs=2, minibatches=2, missing_eos_penalty=1.0),
+        checkpoint=dict(every_steps=2, async_save=False),
+    )
+    reference = tmp_path_factory.mktemp("ppo")
+    align_train.run(cfg, reference)
+    rows = [r for r in read_metrics(reference / "metrics.jsonl") if "loss" in r]
+    # Two epochs of two minibatches: the later updates are off-policy, the value head learns.
+    assert any(r["policy/approxkl_avg"] > 0.0 for r in rows) and rows[-1]["loss/value_avg"] > 0.0
+    killed = tmp_path_factory.mktemp("ppo_killed")
+    process = _launch(cfg.to_json(), killed)
+    _wait_for_step(process, killed, 3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert max(_losses(killed)) < 8
+    resumed = _launch(cfg.to_json(), killed)
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    assert "resumed from the checkpoint at step" in output
+    assert _losses(killed) == _losses(reference)
+
+
 def test_reward_model_learns_the_pairs_and_stores_its_normalization(pretrained, data_dir, tmp_path):
     cfg = align_cfg("reward", pretrained, data_dir, train=dict(steps=10), reward=dict(center_coeff=0.01))
     result = align_train.run(cfg, tmp_path)

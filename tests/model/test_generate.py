@@ -113,7 +113,7 @@ def test_other_shapes_and_settings_reuse_the_compilation(params):
         ([[4, 4, 4, 4], [1], [2, 3]], 8, 1.2),
     ]:
         generate(CONFIG, params, prompts, max_new_tokens=new, temperature=temperature)
-    assert gen._sample._cache_size() == 1
+    assert gen.sample_padded._cache_size() == 1
 
 
 def test_beam_search_with_one_beam_is_greedy(params):
