@@ -1,8 +1,8 @@
 """Exact and near-duplicate detection: content hashes, MinHash signatures, LSH (datasketch).
 
 Signatures are computed here with numpy rather than with `datasketch.MinHash`: datasketch hashes
-every shingle with SHA-1 in a Python loop, which `python -m data.benchmark` measures at five to
-six times slower on source code (about 2 against 11 MB/s per core). The banding index and its
+every shingle with SHA-1 in a Python loop, which `python -m data.benchmark` measures at about
+half the speed on source code (4.0 against 8.7 MB/s on one core of the 2-core CPU). The banding index and its
 (bands, rows) choice for a Jaccard threshold come from `datasketch.MinHashLSH`.
 """
 
