@@ -84,7 +84,10 @@ def main(argv=None) -> dict:
         for budget in dropped:
             print(f"approach 2: budget C={budget['flops']:.3g} ({budget['runs']} runs) dropped: {budget['reason']}", file=sys.stderr)
     if args.plots_dir:
-        if minima:
+        # IsoFLOP profiles only for an IsoFLOP sweep: one that says so (approach 2), or whose
+        # table names each run's budget; other runs (e.g. the Chinchilla paper's Figure 4
+        # points) show in the loss-against-size figure instead.
+        if minima and (args.approach == "2" or runs.budget_keys is not None):
             figures["isoflops"] = lambda path: plots.plot_isoflops(path, runs.n_params, runs.flops, runs.loss, minima, runs.budget_keys)
         tag = "kaplan" if args.approach == "kaplan" else f"approach{args.approach}"
         result["plots"] = _write_plots(pathlib.Path(args.plots_dir), {f"{tag}_{name}.png": draw for name, draw in figures.items()})
@@ -97,11 +100,12 @@ def _write_plots(directory: pathlib.Path, figures: dict[str, Callable]) -> list[
     """Draws each figure into `directory`, refusing files there that no fit wrote."""
     record = directory / _WRITTEN
     ours = set(record.read_text().split()) if record.exists() else set()
-    foreign = sorted(name for name in figures if (directory / name).exists() and name not in ours)
+    files = {name for png in figures for name in (png, str(pathlib.Path(png).with_suffix(".pdf")))}
+    foreign = sorted(name for name in files if (directory / name).exists() and name not in ours)
     if foreign:
         raise ValueError(f"--plots-dir={directory}: would overwrite {foreign}, which no fit wrote; name another directory")
     directory.mkdir(parents=True, exist_ok=True)
-    record.write_text("\n".join(sorted(ours | set(figures))) + "\n")
+    record.write_text("\n".join(sorted(ours | files)) + "\n")
     for name, draw in figures.items():
         draw(directory / name)
     return sorted(str(directory / name) for name in figures)
@@ -122,7 +126,7 @@ def _fit_approach1(runs, args, target) -> tuple[dict, dict[str, Callable]]:
         "frontier": lambda path: plots.plot_frontier(
             path, runs.flops, runs.loss, keys=runs.budget_keys, lines={"envelope of the curves": (envelope.flops, envelope.loss)}),
         "n_opt": lambda path: plots.plot_optimal_size(
-            path, envelope.flops, envelope.n_params, {f"Approach 1: N ~ C^{law.a:.3f}": (grid, law.compute_optimal(grid)[0])}),
+            path, envelope.flops, envelope.n_params, {f"Approach 1: $N \\propto C^{{{law.a:.3f}}}$": (grid, law.compute_optimal(grid)[0])}),
     }
     return result, figures
 
@@ -147,7 +151,7 @@ def _fit_approach2(runs, args, target) -> tuple[dict, dict[str, Callable]]:
         "frontier": lambda path: plots.plot_frontier(
             path, runs.flops, runs.loss, keys=runs.budget_keys, lines={"parabola minima": (c_min, [m.loss_opt for m in minima])}),
         "n_opt": lambda path: plots.plot_optimal_size(
-            path, c_min, [m.n_opt for m in minima], {f"Approach 2: N ~ C^{law.a:.3f}": (grid, law.compute_optimal(grid)[0])}),
+            path, c_min, [m.n_opt for m in minima], {f"Approach 2: $N \\propto C^{{{law.a:.3f}}}$": (grid, law.compute_optimal(grid)[0])}),
     }
     return result, figures
 
@@ -179,7 +183,9 @@ def _fit_approach3(runs, args, target) -> tuple[dict, dict[str, Callable]]:
         "fitted_vs_observed": lambda path: plots.plot_fitted_vs_observed(
             path, runs.loss, law.loss(runs.n_params, runs.tokens), runs.flops, "Approach 3: E + A/N^alpha + B/D^beta"),
         "n_opt": lambda path: plots.plot_optimal_size(
-            path, [m.flops for m in minima], [m.n_opt for m in minima], {f"Approach 3: N ~ C^{law.a:.3f}": (grid, n_grid)}),
+            path, [m.flops for m in minima], [m.n_opt for m in minima], {f"Approach 3: $N \\propto C^{{{law.a:.3f}}}$": (grid, n_grid)}),
+        "loss_vs_n": lambda path: plots.plot_loss_against_size(
+            path, runs.n_params, runs.flops, runs.loss, (n_grid, law.loss(n_grid, d_grid))),
     }
     return result, figures
 

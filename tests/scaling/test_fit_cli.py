@@ -57,8 +57,10 @@ def test_approach3(sweep, capsys):
     assert result["extrapolation"]["n_held_out"] == 9
     assert result["extrapolation"]["max_abs_relative_error"] < 0.02
     names = {p.rsplit("/", 1)[1] for p in result["plots"]}
-    assert names == {f"approach3_{n}.png" for n in ("isoflops", "frontier", "fitted_vs_observed", "n_opt")}
+    # A table without a budget column is no declared IsoFLOP sweep: no IsoFLOP profiles.
+    assert names == {f"approach3_{n}.png" for n in ("loss_vs_n", "frontier", "fitted_vs_observed", "n_opt")}
     assert all((sweep / "plots" / name).stat().st_size > 10_000 for name in names)
+    assert all((sweep / "plots" / name).with_suffix(".pdf").read_bytes()[:4] == b"%PDF" for name in names)
 
 
 @pytest.mark.parametrize("approach", ["1", "2"])
@@ -70,7 +72,8 @@ def test_allocation_approaches(sweep, capsys, approach):
     assert result["b"] == pytest.approx(HOFFMANN_2022.b, abs=0.03)
     low, high = result["intervals"]["n_opt"]
     assert low <= result["n_opt"] <= high
-    assert len(result["plots"]) == 3
+    # frontier and n_opt; IsoFLOP profiles where the approach declares the sweep one (2).
+    assert len(result["plots"]) == (3 if approach == "2" else 2)
 
 
 def test_kaplan(sweep, capsys):
