@@ -251,7 +251,7 @@ def test_a_run_starts_from_hugging_face_weights_with_their_tokenizer(pretrained,
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("method", "ppo", r"config.method='ppo': expected one of \('sft', 'dpo', 'kto', 'reward'\)"),
+        ("method", "rloo", r"config.method='rloo': expected one of \('sft', 'dpo', 'kto', 'reward', 'ppo', 'grpo'\)"),
         ("init.from_hf", "/x", r"config.init=.*set exactly one of init.from_workdir and init.from_hf"),
         ("dpo.loss_type", "exp", r"config.dpo.loss_type='exp': expected one of"),
         ("dpo.reference", "model", r"config.dpo.reference='model'"),
@@ -263,6 +263,23 @@ def test_config_errors_name_the_key(tmp_path, key, value, message):
     cfg = align_cfg("dpo", tmp_path, tmp_path)
     section, _, name = key.rpartition(".")
     (cfg[section] if section else cfg)[name] = value
+    with pytest.raises(ValueError, match=message):
+        align_config.validate(cfg, n_devices=8, n_processes=1)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("rl.minibatches", 3, r"config.rl.minibatches=3: must divide the rollout's 16 rows"),
+        ("rl.kl_estimator", "k4", r"config.rl.kl_estimator='k4': expected one of"),
+        ("rl.samples_per_prompt", 1, r"config.rl.samples_per_prompt=1: GRPO compares samples of one prompt"),
+        ("task.name", "", r"config.task.name='': grpo takes its prompts and rewards from a task"),
+    ],
+)
+def test_online_config_errors_name_the_key(tmp_path, key, value, message):
+    cfg = rl_cfg("grpo", tmp_path, tmp_path)
+    section, _, name = key.rpartition(".")
+    cfg[section][name] = value
     with pytest.raises(ValueError, match=message):
         align_config.validate(cfg, n_devices=8, n_processes=1)
 
