@@ -20,10 +20,14 @@ def params():
 
 
 def greedy_by_forward(config, params, prompt, n):
+    """Greedy continuation by the full forward pass over the sequence so far, padded at the
+    end to the model's length (a causal model does not see the padding): one compilation."""
+    forward = jax.jit(model.forward, static_argnums=0)
     sequence = list(prompt)
     for _ in range(n):
-        logits = model.forward(config, params, jnp.asarray([sequence]))
-        sequence.append(int(jnp.argmax(logits[0, -1])))
+        padded = jnp.asarray([sequence + [0] * (config.max_seq_len - len(sequence))])
+        logits = forward(config, params, padded)
+        sequence.append(int(jnp.argmax(logits[0, len(sequence) - 1])))
     return sequence[len(prompt):]
 
 
