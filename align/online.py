@@ -24,6 +24,7 @@ are the last N.
 from __future__ import annotations
 
 import functools
+import time
 
 import grain
 import jax
@@ -248,8 +249,11 @@ def train_step_fn(cfg, model_config, tokenizer, problems, optimizer, mesh, shard
     gathered = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     def step(state, batch):
+        jax.block_until_ready(state.step)  # the previous update, so the phases time themselves
+        start = time.perf_counter()
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1)  # the update splits state.rng
         tokens = gathered(rollout(state.params, state.frozen, batch, key))
+        generated = time.perf_counter()
         prompts, lengths = gathered(batch["prompt"]), gathered(batch["length"])
         answers = np.repeat([problems[i].answer for i in gathered(batch["index"])], G)
         mask, ended = response_mask(tokens, eos)
@@ -257,7 +261,11 @@ def train_step_fn(cfg, model_config, tokenizer, problems, optimizer, mesh, shard
         rows["scores"] = scores(tokenizer, tokens, mask, answers)
         rows["ended_with_eos"] = ended
         local = jax.tree.map(lambda x: np.asarray(x)[_local_rows(len(x))], rows)
-        return update(state, global_batch(local, mesh))
+        scored = time.perf_counter()
+        state, metrics = update(state, global_batch(local, mesh))
+        # The update's own time is the rest of the loop's step_time.
+        metrics.update({"time/generation_s": np.float64(generated - start), "time/scoring_s": np.float64(scored - generated)})
+        return state, metrics
 
     return step
 

@@ -172,6 +172,7 @@ def test_the_first_minibatch_of_each_rollout_is_on_policy(method, sft_run, data_
     for row in rows:
         assert row["policy/ratio_avg"] == 1.0 and row["policy/clipfrac_avg"] == 0.0
         assert 0.0 <= row["objective/scores"] <= 1.0 and 1.0 <= row["response_length"] <= 4.0
+        assert row["time/generation_s"] > 0.0 and row["time/scoring_s"] > 0.0
     assert rows[0]["objective/kl"] == 0.0  # the policy starts as the reference
     if method == "ppo":
         assert all(r["policy/approxkl_avg"] == 0.0 and r["val/clipfrac_avg"] == 0.0 for r in rows)
