@@ -165,7 +165,9 @@ def sample_padded(config, params, prompts_BP, lengths_B, budget_B, rng, sampling
     return state["tokens"], state["logprobs"]
 
 
-def _check_prompts(config, prompts, max_new_tokens):
+def _bucketed(config, prompts, max_new_tokens):
+    """(left-padded prompts [batch, length], their lengths, new-token capacity), the batch,
+    prompt length and capacity rounded up to powers of two within model.max_seq_len."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
     longest = max(len(p) for p in prompts)
@@ -174,7 +176,10 @@ def _check_prompts(config, prompts, max_new_tokens):
             f"generate: prompt length {longest} + max_new_tokens {max_new_tokens} exceeds "
             f"model.max_seq_len={config.max_seq_len}"
         )
-    return longest
+    capacity = min(_bucket(max_new_tokens), config.max_seq_len - longest)
+    length = min(_bucket(longest), config.max_seq_len - capacity)
+    padded, lengths = _left_padded(prompts, _bucket(len(prompts)), length)
+    return padded, lengths, capacity
 
 
 def _host_values(x):
@@ -201,12 +206,9 @@ def generate(
     """Continue each prompt (a list of token ids; prompts may differ in length) by up to
     `max_new_tokens` tokens, stopping a row after `eos_id`. `temperature` is a shorthand for
     `Sampling(temperature=...)`; give `sampling` for the other strategies."""
-    longest = _check_prompts(config, prompts, max_new_tokens)
+    padded, lengths, capacity = _bucketed(config, prompts, max_new_tokens)
     sampling = sampling or Sampling(temperature=temperature)
-    batch = _bucket(len(prompts))
-    capacity = min(_bucket(max_new_tokens), config.max_seq_len - longest)
-    padded, lengths = _left_padded(prompts, batch, min(_bucket(longest), config.max_seq_len - capacity))
-    budgets = np.where(np.arange(batch) < len(prompts), max_new_tokens, 0).astype(np.int32)
+    budgets = np.where(np.arange(len(padded)) < len(prompts), max_new_tokens, 0).astype(np.int32)
     stop_id = -1 if eos_id is None else eos_id
     tokens, logprobs = sample_padded(
         config, params, padded, lengths, budgets, jax.random.key(0) if rng is None else rng,
@@ -311,11 +313,9 @@ def beam_search(
 ) -> tuple[list[list[int]], list[float]]:
     """Per prompt, the highest-scoring continuation (through EOS) and its score: summed
     log-prob / (new tokens)**length_penalty. One beam is greedy decoding."""
-    longest = _check_prompts(config, prompts, max_new_tokens)
     if beams < 1:
         raise ValueError(f"beam_search: beams={beams} must be at least 1")
-    capacity = min(_bucket(max_new_tokens), config.max_seq_len - longest)
-    padded, lengths = _left_padded(prompts, _bucket(len(prompts)), min(_bucket(longest), config.max_seq_len - capacity))
+    padded, lengths, capacity = _bucketed(config, prompts, max_new_tokens)
     stop_id = -1 if eos_id is None else eos_id
     tokens, scores = _beam_search(
         config, params, padded, lengths, jnp.int32(max_new_tokens), jnp.int32(stop_id),

@@ -287,19 +287,19 @@ def _write_cache(kv_cache, layer, index, k_BTKH, v_BTKH):
     """Write T new keys and values at slot `index` of `layer`'s cache, in place (the buffers
     are updated with dynamic_update_slice, never copied); returns (cache, the layer's keys
     [B, K, S, H], its values)."""
-    updated = {}
-    for name, new_BTKH in (("k", k_BTKH), ("v", v_BTKH)):
-        buffer = kv_cache[name]
+
+    def write(buffer, new_BTKH):
         new_BKTH = new_BTKH.transpose(0, 2, 1, 3)
         if isinstance(buffer, tuple):  # unrolled layers: `layer` is a Python int
             layer_BKSH = jax.lax.dynamic_update_slice(buffer[layer], new_BKTH.astype(buffer[layer].dtype), (0, 0, index, 0))
-            updated[name] = buffer[:layer] + (layer_BKSH,) + buffer[layer + 1:]
-        else:  # a scanned stack: `layer` is traced, the stack's leading axis
-            updated[name] = jax.lax.dynamic_update_slice(buffer, new_BKTH[None].astype(buffer.dtype), (layer, 0, 0, index, 0))
-            layer_BKSH = updated[name][layer]
-        updated[name + "_layer"] = layer_BKSH
-    cache = {"k": updated["k"], "v": updated["v"]}
-    return cache, updated["k_layer"], updated["v_layer"]
+            return buffer[:layer] + (layer_BKSH,) + buffer[layer + 1:], layer_BKSH
+        # a scanned stack: `layer` is traced, the stack's leading axis
+        stack = jax.lax.dynamic_update_slice(buffer, new_BKTH[None].astype(buffer.dtype), (layer, 0, 0, index, 0))
+        return stack, stack[layer]
+
+    k, k_BKSH = write(kv_cache["k"], k_BTKH)
+    v, v_BKSH = write(kv_cache["v"], v_BTKH)
+    return {"k": k, "v": v}, k_BKSH, v_BKSH
 
 
 def _cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_BTS):
