@@ -43,9 +43,12 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.kto = ml_collections.ConfigDict(dict(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0))
     c.reward = ml_collections.ConfigDict(dict(margin=0.0, center_coeff=0.0))
-    # PPO and GRPO (align/online.py): prompts from the task, rewards from its checker.
+    # PPO and GRPO (align/online.py): prompts from the task, rewards from its checker or a
+    # reward model.
     c.rl = ml_collections.ConfigDict(dict(
         train_problems=2000,  # prompts drawn from the task's training split
+        reward_model="",  # a reward model's workdir (method 'reward'): it scores the responses; '': the checker
+        value_init="zeros",  # PPO's value head: 'zeros' | 'reward_model' (its head, normalized)
         samples_per_prompt=4,  # G: responses per prompt (GRPO's group); train.batch_size counts prompts
         temperature=1.0,  # sampling temperature; every log-prob is of logits / temperature
         epochs=1,  # passes over each rollout
@@ -121,6 +124,11 @@ def validate(cfg, n_devices: int, n_processes: int) -> None:
         require(cfg.task.name != "", "task.name", cfg.task.name, f"{cfg.method} takes its prompts and rewards from a task")
         require(r.temperature > 0, "rl.temperature", r.temperature, "must be positive (the rollouts sample)")
         require(r.epochs >= 1, "rl.epochs", r.epochs, "must be at least 1")
+        require(r.value_init in ("zeros", "reward_model"), "rl.value_init", r.value_init, "expected 'zeros' or 'reward_model'")
+        require(
+            r.value_init == "zeros" or r.reward_model, "rl.value_init", r.value_init,
+            "needs rl.reward_model, the run whose head it starts from",
+        )
         rows = cfg.train.batch_size * r.samples_per_prompt
         require(
             r.minibatches >= 1 and rows % r.minibatches == 0, "rl.minibatches", r.minibatches,

@@ -3,7 +3,9 @@
 One training step of the loop:
   1. rollout (compiled): each prompt of the batch is sampled `rl.samples_per_prompt` times by
      the policy (model/generate.py's decode loop, stopping at EOS or `task.max_new_tokens`);
-  2. scores (host): the task's checker reads each decoded response (align/tasks/);
+  2. scores: the task's checker reads each decoded response (align/tasks/, on the host), or a
+     reward model (`rl.reward_model`, compiled) reads prompt and response as it read its
+     training pairs;
   3. update (compiled, the state donated): old, reference and value estimates of the rollout
      under the current weights, per-token rewards and advantages (align/rl.py), then
      `rl.epochs` passes over `rl.minibatches` shuffled minibatches, each one optimizer update
@@ -34,7 +36,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 import model
-from align import rl, trees
+from align import reward, rl, trees
+from align.source import RewardModel
 from align.tasks import arithmetic
 from model.generate import Sampling, sample_padded
 from model.logprobs import target_logprobs
@@ -115,6 +118,36 @@ def training_rows(prompts_RP, lengths_R, tokens_RN, mask_RN) -> dict[str, np.nda
         "inputs": sequence[:, :-1], "targets": sequence[:, 1:], "segment_ids": segment_ids,
         "positions": positions, "response_mask": mask_RN.astype(np.float32),
     }
+
+
+def reward_model_rows(prompts_RP, lengths_R, tokens_RN, mask_RN, eos_id: int) -> dict[str, np.ndarray]:
+    """Prompt + response as [R, P + N] rows the way a reward model read its training pairs:
+    the last real token is the response's last token before EOS (align/data.py's rows end
+    there, their EOS being a target only)."""
+    R, P = prompts_RP.shape
+    sequence = np.concatenate([prompts_RP, tokens_RN], axis=1)
+    slots = np.arange(sequence.shape[1])
+    response = mask_RN & (tokens_RN != eos_id)
+    real = (slots >= P - lengths_R[:, None]) & np.concatenate([np.ones((R, P), bool), response], axis=1)
+    positions = np.maximum(slots[None, :] - (P - lengths_R[:, None]), 0).astype(np.int32)
+    return {"inputs": np.where(real, sequence, 0), "segment_ids": real.astype(np.int32), "positions": positions}
+
+
+def reward_model_scorer(reward_model: RewardModel, mesh):
+    """(rows of `reward_model_rows`, this process's share) -> the reward model's normalized
+    scores of every row (its reference set's mean 0 and std 1), as a numpy array."""
+
+    @jax.jit
+    def normalized(params, normalization, rows):
+        raw = reward.head_rewards(reward_model.model_config, params["model"], params["score"], rows)
+        return (raw - normalization["mean"]) / normalization["std"]
+
+    def score(rows):
+        local = jax.tree.map(lambda x: x[_local_rows(len(x))], rows)
+        values = normalized(reward_model.params, reward_model.normalization, global_batch(local, mesh))
+        return np.asarray(multihost_utils.process_allgather(values, tiled=True), np.float32)
+
+    return score
 
 
 def _response_logps(cfg, model_config, params, rows, N):
@@ -238,15 +271,17 @@ def update_fn(cfg, model_config: model.ModelConfig, optimizer, mesh, shardings, 
     return jax.jit(update, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, replicated), donate_argnums=0)
 
 
-def train_step_fn(cfg, model_config, tokenizer, problems, optimizer, mesh, shardings):
-    """The loop's step: rollout, host scoring, update. `batch` holds prompts (global arrays)
-    and their indices into `problems`."""
+def train_step_fn(cfg, model_config, tokenizer, problems, optimizer, mesh, shardings, reward_model=None):
+    """The loop's step: rollout, scoring, update. `batch` holds prompts (global arrays) and their
+    indices into `problems`. With `reward_model` it scores the responses, and the checker's
+    mean reward is logged beside as `objective/task_reward`."""
     N = cfg.task.max_new_tokens
     eos = tokenizer.eos_id
     rollout = rollout_fn(cfg, model_config, eos)
     update = update_fn(cfg, model_config, optimizer, mesh, shardings, N)
     G = cfg.rl.samples_per_prompt
     gathered = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    score_by_model = reward_model_scorer(reward_model, mesh) if reward_model else None
 
     def step(state, batch):
         jax.block_until_ready(state.step)  # the previous update, so the phases time themselves
@@ -257,12 +292,18 @@ def train_step_fn(cfg, model_config, tokenizer, problems, optimizer, mesh, shard
         prompts, lengths = gathered(batch["prompt"]), gathered(batch["length"])
         answers = np.repeat([problems[i].answer for i in gathered(batch["index"])], G)
         mask, ended = response_mask(tokens, eos)
-        rows = training_rows(np.repeat(prompts, G, axis=0), np.repeat(lengths, G), tokens, mask)
+        prompts_RP, lengths_R = np.repeat(prompts, G, axis=0), np.repeat(lengths, G)
+        rows = training_rows(prompts_RP, lengths_R, tokens, mask)
         rows["scores"] = scores(tokenizer, tokens, mask, answers)
+        host_metrics = {}
+        if score_by_model:
+            host_metrics["objective/task_reward"] = np.float64(rows["scores"].mean())
+            rows["scores"] = score_by_model(reward_model_rows(prompts_RP, lengths_R, tokens, mask, eos))
         rows["ended_with_eos"] = ended
         local = jax.tree.map(lambda x: np.asarray(x)[_local_rows(len(x))], rows)
         scored = time.perf_counter()
         state, metrics = update(state, global_batch(local, mesh))
+        metrics.update(host_metrics)
         # The update's own time is the rest of the loop's step_time.
         metrics.update({"time/generation_s": np.float64(generated - start), "time/scoring_s": np.float64(scored - generated)})
         return state, metrics

@@ -25,15 +25,18 @@ def last_token_index(segment_ids_BT):
 
 def rewards(cfg, model_config: model.ModelConfig, params, frozen, batch):
     """Raw rewards [...] for rows [..., T] of `inputs`, `segment_ids`, `positions`."""
+    return head_rewards(model_config, trees.policy(cfg, params, frozen), params["score"], batch)
+
+
+def head_rewards(model_config: model.ModelConfig, model_params, score, batch):
+    """Raw rewards [...] of the transformer `model_params` with the scalar head `score`."""
     lead = batch["inputs"].shape[:-1]
     flat = lambda key: batch[key].reshape(-1, batch[key].shape[-1])
     hidden_BTD = model.hidden_states(
-        model_config, trees.policy(cfg, params, frozen), flat("inputs"),
-        segment_ids=flat("segment_ids"), positions=flat("positions"),
+        model_config, model_params, flat("inputs"), segment_ids=flat("segment_ids"), positions=flat("positions"),
     )
     last_B = last_token_index(flat("segment_ids"))
     hidden_BD = jnp.take_along_axis(hidden_BTD, last_B[:, None, None], axis=1)[:, 0]
-    score = params["score"]
     rewards_B = hidden_BD.astype(jnp.float32) @ score["w"] + score["b"]
     return rewards_B.reshape(lead)
 

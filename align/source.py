@@ -45,6 +45,43 @@ def resolve(cfg) -> Start:
 def from_workdir(workdir, setting: str = "init.from_workdir") -> Start:
     """The newest checkpoint of a run (a local or object-store workdir); errors name `setting`,
     where the workdir came from."""
+    workdir, source, model_config, tokenizer = _run_of(workdir, setting)
+
+    def load_params(mesh):
+        state = _restored_state(workdir, source, model_config, mesh)
+        if "method" not in source:
+            return state.params
+        params = trees.policy(source, state.params, state.frozen)
+        if trees.uses_lora(source):  # merged on the host side of jit: re-place on the mesh
+            params = jax.device_put(params, tree_shardings(model.abstract_params(model_config), mesh))
+        return params
+
+    return Start(model_config, tokenizer, load_params, f"workdir {workdir}")
+
+
+@dataclasses.dataclass
+class RewardModel:
+    model_config: model.ModelConfig
+    tokenizer: Tokenizer
+    params: dict  # {"model": the transformer (LoRA merged), "score": its head {"w": [D], "b": []}}
+    normalization: dict  # {"mean", "std"}: of its raw rewards on its reference set
+
+
+def reward_model(workdir, mesh, setting: str = "rl.reward_model") -> RewardModel:
+    """The newest checkpoint of a reward-model run (`method` 'reward'), sharded on `mesh`."""
+    workdir, source, model_config, tokenizer = _run_of(workdir, setting)
+    if source.get("method") != "reward":
+        raise ValueError(f"{setting}={str(workdir)!r}: a {source.get('method', 'pretraining')} run, not a reward model")
+    state = _restored_state(workdir, source, model_config, mesh)
+    transformer = trees.policy(source, state.params, state.frozen)
+    if trees.uses_lora(source):
+        transformer = jax.device_put(transformer, tree_shardings(model.abstract_params(model_config), mesh))
+    params = {"model": transformer, "score": state.params["score"]}
+    return RewardModel(model_config, tokenizer, params, state.frozen["normalization"])
+
+
+def _run_of(workdir, setting: str):
+    """(workdir, its config, model config, tokenizer) of a run's workdir."""
     workdir = workdir_lib.resolve(workdir)
     config_file = workdir / "config.json"
     if not config_file.is_file():
@@ -58,25 +95,20 @@ def from_workdir(workdir, setting: str = "init.from_workdir") -> Start:
         tokenizer = Tokenizer.load(tokenizer_file)
     else:  # a pretraining run keeps its tokenizer in the data cache
         tokenizer = pipeline.prepare(source.data, verbose=False).tokenizer
+    return workdir, source, model_config, tokenizer
 
-    def load_params(mesh):
-        optimizer = make_optimizer(source.optimizer, source.train.steps)
-        if "method" in source:
-            params_boxed, frozen_boxed = trees.boxed_trees(source, model_config)
-        else:
-            params_boxed, frozen_boxed = model.abstract_params(model_config), None
-        abstract = abstract_state(optimizer, mesh, params_boxed, frozen_boxed)
-        checkpointer = Checkpointer(workdir / "checkpoints", keep=source.checkpoint.keep)
-        state, _ = checkpointer.restore_state(abstract)
-        checkpointer.close()
-        if "method" not in source:
-            return state.params
-        params = trees.policy(source, state.params, state.frozen)
-        if trees.uses_lora(source):  # merged on the host side of jit: re-place on the mesh
-            params = jax.device_put(params, tree_shardings(model.abstract_params(model_config), mesh))
-        return params
 
-    return Start(model_config, tokenizer, load_params, f"workdir {workdir}")
+def _restored_state(workdir, source, model_config, mesh):
+    optimizer = make_optimizer(source.optimizer, source.train.steps)
+    if "method" in source:
+        params_boxed, frozen_boxed = trees.boxed_trees(source, model_config)
+    else:
+        params_boxed, frozen_boxed = model.abstract_params(model_config), None
+    abstract = abstract_state(optimizer, mesh, params_boxed, frozen_boxed)
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=source.checkpoint.keep)
+    state, _ = checkpointer.restore_state(abstract)
+    checkpointer.close()
+    return state
 
 
 def _from_hf(directory: pathlib.Path, tokenizer_path: str) -> Start:

@@ -141,8 +141,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.Res
     optimizer = make_optimizer(optimizer_cfg, cfg.train.steps * updates_per_step)
     params_boxed, frozen_boxed = trees.boxed_trees(cfg, model_config)
     shardings = state_shardings(optimizer, mesh, params_boxed, frozen_boxed)
+    reward_model = _reward_model(cfg, model_config, tokenizer, mesh) if online_rl and cfg.rl.reward_model else None
     if online_rl:
-        train_step = online.train_step_fn(cfg, model_config, tokenizer, problems, optimizer, mesh, shardings)
+        train_step = online.train_step_fn(
+            cfg, model_config, tokenizer, problems, optimizer, mesh, shardings, reward_model
+        )
     else:
         loss_fn = LOSSES[cfg.method](cfg, model_config)
         train_step = compile_train_step(loss_fn, optimizer, mesh, shardings, microbatches=cfg.train.microbatches)
@@ -154,7 +157,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.Res
             lambda p: nn.meta.unbox(trees.trees(cfg, model_config, p, jax.random.key(cfg.train.seed))),
             out_shardings=(shardings.params, shardings.frozen),
         )
-        return make(policy)
+        params, frozen = make(policy)
+        if cfg.method == "ppo" and cfg.rl.value_init == "reward_model":
+            value = jax.jit(_value_head_of, out_shardings=shardings.params["value"])
+            params = {**params, "value": value(reward_model.params["score"], reward_model.normalization)}
+        return params, frozen
 
     def new_state():
         params, frozen = new_trees()
@@ -236,6 +243,27 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.Res
         plots.plot_run(workdir / "metrics.jsonl", workdir / "training.png")
         print(f"{cfg.method} finished: " + ", ".join(f"{k} {v:.4g}" for k, v in result.last_eval.items()))
     return result
+
+
+def _reward_model(cfg, model_config, tokenizer, mesh) -> source.RewardModel:
+    """The reward model that scores PPO's or GRPO's responses, checked against the policy."""
+    loaded = source.reward_model(cfg.rl.reward_model, mesh)
+    if loaded.tokenizer.model_proto != tokenizer.model_proto:
+        raise ValueError(f"config.rl.reward_model={cfg.rl.reward_model!r}: its tokenizer is not the policy's")
+    if cfg.rl.value_init == "reward_model" and loaded.model_config.d_model != model_config.d_model:
+        raise ValueError(
+            f"config.rl.value_init='reward_model': the reward model's d_model={loaded.model_config.d_model} "
+            f"is not the policy's {model_config.d_model}"
+        )
+    return loaded
+
+
+def _value_head_of(score, normalization):
+    """PPO's value head as the reward model's normalized head, (h·w + b - mean) / std, read on
+    the policy's hidden states (InstructGPT starts its value model from the reward model; here
+    the head starts from it, the trunk is the policy's)."""
+    std = normalization["std"]
+    return {"w": score["w"] / std, "b": (score["b"] - normalization["mean"]) / std}
 
 
 def _normalize_rewards(cfg, model_config, mesh, shardings, state, examples):

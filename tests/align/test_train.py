@@ -18,7 +18,7 @@ import pytest
 import model
 from align import config as align_config
 from align import data as align_data
-from align import reward, source, trees
+from align import online, reward, source, trees
 from align import train as align_train
 from align.tasks import arithmetic
 from model import sharding
@@ -211,19 +211,68 @@ def test_ppo_killed_resumes_on_the_uninterrupted_trajectory(sft_run, data_dir, t
     assert _losses(killed) == _losses(reference)
 
 
-def test_reward_model_learns_the_pairs_and_stores_its_normalization(pretrained, data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def reward_run(pretrained, data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reward")
     cfg = align_cfg("reward", pretrained, data_dir, train=dict(steps=10), reward=dict(center_coeff=0.01))
-    result = align_train.run(cfg, tmp_path)
-    rows = read_metrics(tmp_path / "metrics.jsonl")
+    return workdir, cfg, align_train.run(cfg, workdir)
+
+
+def _eval_pairs(cfg, tokenizer):
+    examples, _ = align_data.load("preference", cfg.data, tokenizer, split="eval", seq_len=cfg.train.seq_len)
+    return next(align_data.eval_batches(examples, "preference", seq_len=cfg.train.seq_len, batch_size=16))
+
+
+def test_reward_model_learns_the_pairs_and_stores_its_normalization(reward_run):
+    workdir, cfg, result = reward_run
+    rows = read_metrics(workdir / "metrics.jsonl")
     assert rows[-1]["eval_pairwise_accuracy"] >= 0.0 and "rewards/std" in rows[0]
     norm = jax.device_get(result.state.frozen["normalization"])
-    tokenizer = source.from_workdir(tmp_path).tokenizer
-    examples, _ = align_data.load("preference", cfg.data, tokenizer, split="eval", seq_len=cfg.train.seq_len)
-    batch = next(align_data.eval_batches(examples, "preference", seq_len=cfg.train.seq_len, batch_size=16))
-    model_config = source.from_workdir(tmp_path).model_config
-    raw = np.asarray(reward.rewards(cfg, model_config, jax.device_get(result.state.params), {}, batch))
+    start = source.from_workdir(workdir)
+    batch = _eval_pairs(cfg, start.tokenizer)
+    raw = np.asarray(reward.rewards(cfg, start.model_config, jax.device_get(result.state.params), {}, batch))
     np.testing.assert_allclose(float(norm["mean"]), raw.mean(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(float(norm["std"]), raw.std(), rtol=1e-4)
+
+
+def test_the_reward_model_reads_a_rollout_as_it_read_its_pairs(reward_run, data_dir):
+    """A sampled response, left-padded behind its prompt with EOS and filler after it, gets the
+    reward its training row (right-padded, EOS a target only) gets."""
+    workdir, cfg, _ = reward_run
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    scorer = source.reward_model(workdir, mesh)
+    tokenizer = scorer.tokenizer
+    pairs = [json.loads(line) for line in (data_dir / "pairs_eval.jsonl").read_text().splitlines()]
+    expected = np.asarray(reward.normalized_rewards(
+        cfg, scorer.model_config, scorer.params, {"normalization": scorer.normalization}, _eval_pairs(cfg, tokenizer)
+    ))[:, 0]
+    P, N, eos = 12, 6, tokenizer.eos_id
+    prompts, lengths, tokens = np.zeros((len(pairs), P), np.int32), np.zeros(len(pairs), np.int32), np.full((len(pairs), N), 7, np.int32)
+    for row, pair in enumerate(pairs):
+        prompt = [tokenizer.bos_id] + tokenizer.encode([pair["prompt"]])[0]
+        response = tokenizer.encode([pair["chosen"]])[0] + [eos]
+        prompts[row, P - len(prompt):], lengths[row] = prompt, len(prompt)
+        tokens[row, : len(response)] = response
+    mask, _ = online.response_mask(tokens, eos)
+    scores = online.reward_model_scorer(scorer, mesh)(online.reward_model_rows(prompts, lengths, tokens, mask, eos))
+    np.testing.assert_allclose(scores, expected[: len(pairs)], rtol=1e-4, atol=1e-5)
+
+
+def test_ppo_scored_by_a_reward_model_starts_its_value_head_from_it(reward_run, sft_run, data_dir, tmp_path):
+    """At learning rate 0 the value head stays where it started: the reward model's head over
+    its normalization; the checker's reward is logged beside the model's scores."""
+    cfg = rl_cfg(
+        "ppo", sft_run[0], data_dir, train=dict(steps=2), optimizer=dict(lr=0.0),
+        rl=dict(reward_model=str(reward_run[0]), value_init="reward_model"),
+    )
+    result = align_train.run(cfg, tmp_path)
+    score, norm = (jax.device_get(reward_run[2].state.params["score"]), jax.device_get(reward_run[2].state.frozen["normalization"]))
+    value = jax.device_get(result.state.params["value"])
+    np.testing.assert_allclose(value["w"], score["w"] / norm["std"], rtol=1e-6)
+    np.testing.assert_allclose(value["b"], (score["b"] - norm["mean"]) / norm["std"], rtol=1e-6, atol=1e-7)
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert len(rows) == 2 and all(0.0 <= r["objective/task_reward"] <= 1.0 for r in rows)
+    assert all(math.isfinite(r["objective/scores"]) for r in rows)
 
 
 def test_a_run_starts_from_hugging_face_weights_with_their_tokenizer(pretrained, data_dir, tmp_path):
@@ -275,6 +324,7 @@ def test_config_errors_name_the_key(tmp_path, key, value, message):
         ("rl.kl_estimator", "k4", r"config.rl.kl_estimator='k4': expected one of"),
         ("rl.samples_per_prompt", 1, r"config.rl.samples_per_prompt=1: GRPO compares samples of one prompt"),
         ("task.name", "", r"config.task.name='': grpo takes its prompts and rewards from a task"),
+        ("rl.value_init", "reward_model", r"config.rl.value_init='reward_model': needs rl.reward_model"),
     ],
 )
 def test_online_config_errors_name_the_key(tmp_path, key, value, message):
