@@ -2,6 +2,11 @@
 
 One config covers the GPT-2 family (LayerNorm, GELU, learned positions, tied embeddings,
 biases) and the Llama family (RMSNorm, SwiGLU, RoPE, GQA, untied output).
+
+`vocab_size` is the tokenizer's vocabulary; the embedding and head store
+`padded_vocab_size` rows, the next multiple of `VOCAB_MULTIPLE` (GPT-2's 50,257 -> 50,304,
+as nanoGPT pads it), so the head matmul tiles evenly and the vocab axis divides over a
+tensor mesh axis. The padded ids' logits are masked (`model.transformer.output_logits`).
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import math
 import jax.numpy as jnp
 
 from model import attention
+
+VOCAB_MULTIPLE = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +72,11 @@ class ModelConfig:
             raise ValueError(f"model.head_dim={self.head_dim} must be even for RoPE")
 
     @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and head: `vocab_size` rounded up to `VOCAB_MULTIPLE`."""
+        return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+    @property
     def compute_dtype(self):
         return jnp.dtype(self.dtype)
 
@@ -111,7 +123,8 @@ def get_config(name: str, **overrides) -> ModelConfig:
 
 def param_counts(config: ModelConfig) -> dict[str, int]:
     """Parameter counts: `total`, and `nonembedding` (total minus the token and learned
-    position embedding tables and an untied output head, as Kaplan et al. count N)."""
+    position embedding tables and an untied output head, as Kaplan et al. count N). Counts
+    what is stored: the embedding and head at `padded_vocab_size` rows."""
     d, h = config.d_model, config.head_dim
     q_dim, kv_dim = config.n_heads * h, config.n_kv_heads * h
     bias = config.use_bias
@@ -121,9 +134,9 @@ def param_counts(config: ModelConfig) -> dict[str, int]:
     norm = d * (2 if config.norm == "layernorm" and bias else 1)
     layer = attention + mlp + 2 * norm
     body = config.n_layers * layer + norm  # + final norm
-    token_embedding = config.vocab_size * d
+    token_embedding = config.padded_vocab_size * d
     position_embedding = config.max_seq_len * d if config.positions == "learned" else 0
-    head = 0 if config.tie_embeddings else config.vocab_size * d
+    head = 0 if config.tie_embeddings else config.padded_vocab_size * d
     total = body + token_embedding + position_embedding + head
     return {"total": total, "nonembedding": body}
 
@@ -135,8 +148,10 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> dict[str, float]:
     is every parameter except the input embedding tables (the output head is a matmul, so
     it counts once, tied or not), plus the attention scores and values over a context of T
     tokens (12 L d_attn T with d_attn = n_heads * head_dim; the causal half is not
-    subtracted, matching PaLM's MFU accounting). Also returned: the two common
-    simplifications, 6 * total parameters and 6 * non-embedding parameters.
+    subtracted, matching PaLM's MFU accounting). The head counts at `vocab_size`, not the
+    padded rows: their logits are computed and masked, work that is not useful, so MFU does
+    not credit it. Also returned: the two common simplifications, 6 * total parameters and
+    6 * non-embedding parameters (as stored, padding included).
     """
     counts = param_counts(config)
     matmul_params = counts["nonembedding"] + config.vocab_size * config.d_model

@@ -6,7 +6,8 @@ tokenizer as `tokenizer.model` with a `tokenizer_config.json` naming `LlamaToken
 
 exports the newest checkpoint of a pretraining or post-training workdir (LoRA adapters merged)
 with the run's tokenizer. The tensor layout is the inverse of `model.hf.from_hf`: importing an
-export gives back the same parameters.
+export gives back the same parameters (the embedding and head are written without the rows
+of padded ids, which are zero).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def to_hf(config: ModelConfig, params, out: pathlib.Path, tokenizer_model: epath
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     params = jax.tree.map(lambda a: np.asarray(a, np.float32), jax.device_get(params))
+    V = config.vocab_size  # the rows of padded ids are not written
+    params = {k: a[:V] if k in ("embedding", "head") else a for k, a in params.items()}
     layers = layer_params(config, params)
     kind = family(config)
     hf_config, tensors = (_gpt2 if kind == "gpt2" else _llama)(config, params, layers)

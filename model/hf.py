@@ -20,7 +20,8 @@ from model.config import ModelConfig
 def from_hf(path) -> tuple[ModelConfig, dict]:
     """(config, params) of a local checkpoint. A config field that changes the function and
     is not implemented here is refused by name; every tensor is checked against the name and
-    shape the config implies, and tensors left unused are an error."""
+    shape the config implies, and tensors left unused are an error. The embedding and head
+    get zero rows for the padded ids (`ModelConfig.padded_vocab_size`)."""
     path = pathlib.Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -38,7 +39,8 @@ def from_hf(path) -> tuple[ModelConfig, dict]:
     tensors = _Tensors(path)
     layers, top = read(config, tensors)
     tensors.check_all_taken()
-    params = dict(top)
+    padding = ((0, config.padded_vocab_size - config.vocab_size), (0, 0))
+    params = {k: np.pad(a, padding) if k in ("embedding", "head") else a for k, a in top.items()}
     if config.scan_layers:
         params["layers"] = _stack(layers)
     else:

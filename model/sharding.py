@@ -104,7 +104,7 @@ def make_mesh(
 
 # The config field behind each logical parameter dimension, for error messages.
 _CONFIG_FIELDS = {
-    "vocab": "vocab_size", "embed": "d_model", "heads": "n_heads", "kv_heads": "n_kv_heads",
+    "vocab": "padded_vocab_size", "embed": "d_model", "heads": "n_heads", "kv_heads": "n_kv_heads",
     "head_dim": "head_dim", "mlp": "d_ff", "max_len": "max_seq_len", "norm": "d_model",
     "layers": "n_layers",
 }

@@ -3,8 +3,8 @@
   python -m train.benchmark --preset=gpt2-124m --batch_size=32 --seq_len=1024 --dtype=bfloat16
 
 Compile time is reported separately from the timed steps. FLOPs per token follow
-`model.flops_per_token`: 6 N (N = all parameters but the input embedding tables) plus
-the attention term 12 L d T.
+`model.flops_per_token`: 6 N (N = all parameters but the input embedding tables, the head
+counted at the tokenizer's vocabulary, not the padded one) plus the attention term 12 L d T.
 """
 
 from __future__ import annotations
@@ -142,12 +142,13 @@ def main(argv):
         config, optimizer, mesh, microbatches=_MICRO.value, z_loss=0.0, loss_chunk=_LOSS_CHUNK.value
     )
     batch = synthetic_batch(_BATCH.value, _SEQ.value, config.vocab_size, _DOCS.value)
+    vocabulary = f"vocabulary {config.vocab_size:,} (stored {config.padded_vocab_size:,})"
 
     if _COMPILE_ONLY.value:
         abstract = abstract_state(optimizer, mesh, model.abstract_params(config))
         with jax.set_mesh(mesh):
             memory = train_step.lower(abstract, batch).compile().memory_analysis()
-        print(f"model              {_PRESET.value}, vocabulary {config.vocab_size:,}: {model.param_counts(config)['total']:,} params")
+        print(f"model              {_PRESET.value}, {vocabulary}: {model.param_counts(config)['total']:,} params")
         print(f"batch              {_BATCH.value} x {_SEQ.value} tokens; attention {model.attention.resolve(config.attention, _SEQ.value)}; loss chunk {_LOSS_CHUNK.value or 'none'}")
         print_memory(memory)
         return
@@ -164,7 +165,7 @@ def main(argv):
     memory = (device.memory_stats() or {}).get("peak_bytes_in_use")
     counts = model.param_counts(config)
     print(f"device             {jax.device_count()} x {device.device_kind}; mesh {dict(mesh.shape)}")
-    print(f"model              {_PRESET.value}: {counts['total']:,} params ({counts['nonembedding']:,} non-embedding), {config.dtype} compute, remat {config.remat}")
+    print(f"model              {_PRESET.value}, {vocabulary}: {counts['total']:,} params ({counts['nonembedding']:,} non-embedding), {config.dtype} compute, remat {config.remat}")
     print(f"attention          {model.attention.resolve(config.attention, _SEQ.value)}; loss chunk {_LOSS_CHUNK.value or 'none'}")
     print(f"batch              {_BATCH.value} x {_SEQ.value} tokens, {_MICRO.value} micro-batch(es), {_DOCS.value} document(s)/row")
     print(f"FLOPs/token        {flops['total']:.4g} = 6N {flops['total'] - flops['attention']:.4g} + attention 12LdT {flops['attention']:.4g}")

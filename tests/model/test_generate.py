@@ -133,13 +133,42 @@ def test_beam_search_finds_the_best_sequence_by_exhaustive_search(params):
     """With as many beams as the vocabulary, two new tokens are searched exhaustively."""
     prompt = [5, 9, 11]
     tokens, scores = beam_search(CONFIG, params, [prompt], max_new_tokens=2, beams=64, length_penalty=0.0)
-    first = jax.nn.log_softmax(model.forward(CONFIG, params, jnp.asarray([prompt]))[0, -1])
+    first = jax.nn.log_softmax(model.forward(CONFIG, params, jnp.asarray([prompt]))[0, -1])[:64]
     pairs = jnp.asarray([prompt + [a] for a in range(64)])
-    second = jax.nn.log_softmax(model.forward(CONFIG, params, pairs)[:, -1], axis=-1)
+    second = jax.nn.log_softmax(model.forward(CONFIG, params, pairs)[:, -1], axis=-1)[:, :64]
     total = first[:, None] + second
     best = np.unravel_index(int(jnp.argmax(total)), total.shape)
     assert tokens[0] == list(map(int, best))
     np.testing.assert_allclose(scores[0], float(jnp.max(total)), atol=1e-4)
+
+
+def test_padded_ids_are_never_generated():
+    """Vocabulary 1000, stored as 1024 rows whose padding would win every softmax were it not
+    masked: greedy, sampling at a high temperature with filters and penalties, and beams pick
+    only real ids, with the log-probs of a float64 log-softmax over the 1000 real ids."""
+    config = CONFIG.replace(vocab_size=1000)
+    params = model.init_params(config, jax.random.key(5))
+    loud = jax.random.normal(jax.random.key(1), (24, config.d_model)) * 10.0  # logits ~ +-80
+    params = {**params, "head": params["head"].at[1000:].set(loud)}
+    prompts = [[5, 9, 11], [7, 3, 2]]
+    for sampling in (
+        Sampling(),
+        Sampling(temperature=50.0, top_k=1020, top_p=0.9999),
+        Sampling(temperature=50.0, min_p=1e-6, presence_penalty=1.0, frequency_penalty=0.5),
+    ):
+        out = generate(config, params, prompts, max_new_tokens=16, sampling=sampling, rng=jax.random.key(3))
+        sequences = np.asarray([p + t for p, t in zip(prompts, out.tokens)])
+        assert sequences.shape == (2, 19) and sequences.max() < 1000
+        logits = np.asarray(model.forward(config, params, jnp.asarray(sequences[:, :-1])), np.float64)[:, 2:, :1000]
+        scaled = logits / (sampling.temperature or 1.0)
+        top = scaled.max(-1, keepdims=True)
+        logp = scaled - top - np.log(np.exp(scaled - top).sum(-1, keepdims=True))
+        new = sequences[:, 3:]
+        np.testing.assert_allclose(out.logprobs, np.take_along_axis(logp, new[..., None], -1)[..., 0], atol=2e-5)
+        if not sampling.temperature:
+            np.testing.assert_array_equal(new, logits.argmax(-1))
+    tokens, scores = beam_search(config, params, prompts, max_new_tokens=4, beams=3)
+    assert max(max(row) for row in tokens) < 1000 and np.all(np.isfinite(scores))
 
 
 def test_generation_with_sharded_parameters_equals_unsharded(params):

@@ -39,11 +39,12 @@ def test_every_parameter_gets_a_sharding_from_the_table():
 
 
 @pytest.mark.parametrize(
-    "mesh_shape, n_kv_heads",
-    [((8, 1, 1), 2), ((2, 2, 2), 2), ((1, 2, 4), 4), ((1, 1, 8), 8)],
+    "mesh_shape, n_kv_heads, vocab_size",
+    # 1001 ids are stored as 1024 rows, which the 8-way tensor axis divides.
+    [((8, 1, 1), 2, 128), ((2, 2, 2), 2, 128), ((1, 2, 4), 4, 128), ((1, 1, 8), 8, 1001)],
 )
-def test_sharded_forward_equals_single_device_forward(mesh_shape, n_kv_heads):
-    config = CONFIG.replace(n_kv_heads=n_kv_heads)
+def test_sharded_forward_equals_single_device_forward(mesh_shape, n_kv_heads, vocab_size):
+    config = CONFIG.replace(n_kv_heads=n_kv_heads, vocab_size=vocab_size)
     mesh = sharding.make_mesh(mesh_shape, model_config=config)
     params = model.init_params(config, jax.random.key(0), mesh=mesh)
     q = params["layers"]["attn"]["q"]

@@ -124,8 +124,47 @@ def test_param_counts_match_the_parameter_tree(preset):
 
 
 def test_gpt2_124m_has_the_published_parameter_count():
-    # 124,439,808 with GPT-2's 50257-token vocabulary and tied embeddings.
-    assert model.param_counts(model.get_config("gpt2-124m"))["total"] == 124_439_808
+    # 124,439,808 with GPT-2's 50257-token vocabulary and tied embeddings; the embedding is
+    # stored with 50,304 rows (as nanoGPT pads it), 47 x 768 more.
+    config = model.get_config("gpt2-124m")
+    assert config.padded_vocab_size == 50_304
+    assert model.param_counts(config)["total"] == 124_439_808 + 47 * 768
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_a_vocabulary_is_stored_padded_to_a_multiple_of_128_and_its_padding_masked(name):
+    """1000 ids: 1024 rows, zero beyond 1000 at init; the padded ids' logits are
+    PADDING_LOGIT, and stay near it when their rows would win every softmax unmasked; the
+    real ones do not change."""
+    config = CONFIGS[name].replace(vocab_size=1000)
+    params = model.init_params(config, jax.random.key(0))
+    tables = ("embedding",) if config.tie_embeddings else ("embedding", "head")
+    for table in tables:
+        assert params[table].shape == (1024, config.d_model)
+        np.testing.assert_array_equal(params[table][1000:], 0.0)
+        assert np.all(np.abs(np.asarray(params[table][:1000])).sum(-1) > 0)
+    loud = jax.random.normal(jax.random.key(1), (24, config.d_model)) * 10.0  # logits ~ +-80
+    adversarial = {**params, **{t: params[t].at[1000:].set(loud) for t in tables}}
+    tokens = _tokens((2, 9))
+    plain = np.asarray(model.forward(config, params, tokens))
+    np.testing.assert_array_equal(plain[..., 1000:], model.transformer.PADDING_LOGIT)
+    logits = np.asarray(model.forward(config, adversarial, tokens))
+    assert logits.shape == (2, 9, 1024)
+    np.testing.assert_allclose(logits[..., 1000:], model.transformer.PADDING_LOGIT, rtol=1e-6)
+    np.testing.assert_allclose(logits[..., :1000], plain[..., :1000], atol=1e-6, rtol=0)
+    # A softmax over all 1024 is one over the 1000 real ids; p log p, the entropy, stays finite.
+    logp = jax.nn.log_softmax(jnp.asarray(logits) / 0.7, axis=-1)
+    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    real = logits[..., :1000].astype(np.float64) / 0.7
+    real_logp = real - real.max(-1, keepdims=True)
+    real_logp -= np.log(np.exp(real_logp).sum(-1, keepdims=True))
+    np.testing.assert_allclose(logp[..., :1000], real_logp, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(entropy, -(np.exp(real_logp) * real_logp).sum(-1), rtol=1e-5)
+    # Counts store the 1024 rows; FLOPs count the 1000 real ids.
+    padded = config.replace(vocab_size=1024)
+    assert model.param_counts(config) == model.param_counts(padded)
+    flops, flops_padded = model.flops_per_token(config, 64)["total"], model.flops_per_token(padded, 64)["total"]
+    assert flops_padded - flops == 6 * 24 * config.d_model
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])

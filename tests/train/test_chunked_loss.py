@@ -50,6 +50,37 @@ def test_target_logprobs_against_float64_log_softmax(dtype):
     np.testing.assert_allclose(logp, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_loss_over_a_padded_vocabulary_is_the_log_softmax_over_the_real_ids(tied):
+    """Vocabulary 1000, stored as 1024 rows whose padding would win every softmax were it not
+    masked: log-probs and log Z (whole and chunked), loss and z-loss equal a float64
+    log-softmax over the first 1000 columns, and no gradient reaches the padded rows."""
+    config = CONFIG.replace(vocab_size=1000, tie_embeddings=tied)
+    table = "embedding" if tied else "head"
+    params = model.init_params(config, jax.random.key(3))
+    loud = jax.random.normal(jax.random.key(4), (24, config.d_model)) * 10.0  # logits ~ +-80
+    params = {**params, table: params[table].at[1000:].set(loud)}
+    batch = _batch(seed=5)
+    tokens = np.random.default_rng(6).integers(0, 1000, size=(8, 17)).astype(np.int32)
+    batch["inputs"], batch["targets"] = tokens[:, :-1], tokens[:, 1:]
+    hidden = model.hidden_states(config, params, batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+    logits = np.asarray(hidden, np.float64) @ np.asarray(params[table], np.float64)[:1000].T
+    top = logits.max(-1)
+    expected_log_z = top + np.log(np.exp(logits - top[..., None]).sum(-1))
+    expected = np.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0] - expected_log_z
+    mask = batch["segment_ids"] > 0
+    for chunk in (0, 5):
+        logp, log_z = target_logprobs(config, params, hidden, batch["targets"], chunk=chunk)
+        np.testing.assert_allclose(log_z, expected_log_z, rtol=1e-5)
+        np.testing.assert_allclose(logp, expected, rtol=1e-5, atol=1e-5)
+    loss = lambda p: token_losses(config, p, batch, z_loss=1e-3, chunk=5)[:2]  # (loss, cross-entropy)
+    (total, ce_sum), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    np.testing.assert_allclose(ce_sum, -expected[mask].sum(), rtol=1e-5)
+    np.testing.assert_allclose(total, ce_sum + 1e-3 * (expected_log_z[mask] ** 2).sum(), rtol=1e-5)
+    np.testing.assert_array_equal(grads[table][1000:], 0.0)
+    assert np.all(np.isfinite(grads[table])) and np.abs(grads[table][:1000]).sum() > 0
+
+
 def test_chunked_loss_never_holds_the_whole_logits():
     # A vocabulary large beside the model, as in Llama 3 (128k tokens, d_model 2048 to 4096).
     config = model.ModelConfig(vocab_size=32_768, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=256)
