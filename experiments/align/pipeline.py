@@ -46,7 +46,7 @@ _PAIR_PROBLEMS = flags.DEFINE_integer("pair_problems", 2_000, "Training problems
 _SAMPLES = flags.DEFINE_integer("samples", 4, "Samples per problem for pairs.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature for pairs.")
 _FRONTIER = flags.DEFINE_list(
-    "frontier_kl_coefs", ["0", "0.1", "0.5"], "PPO's KL coefficients beside the ppo stage's, for the frontier."
+    "frontier_kl_coefs", ["0", "0.2"], "PPO's KL coefficients beside the ppo stage's, for the frontier."
 )
 _FRONTIER_WINDOW = 10  # logged steps at the end of a run whose KL and reward make its frontier point
 
