@@ -9,12 +9,10 @@
    preference pairs (a right answer chosen, a wrong one rejected) and KTO examples;
 4. DPO with and without the SFT term, DPO with LoRA, KTO, and a reward model on those pairs;
 5. PPO and GRPO from the SFT model, sampling training problems and scored by the checker; PPO
-   scored by the reward model of stage 4 instead (`ppo_rm`);
-6. PPO at other KL coefficients (`--frontier_kl_coefs`), for the reward-versus-KL frontier.
+   scored by the reward model of stage 4 instead (`ppo_rm`).
 
 Each stage resumes or is skipped when its workdir holds a finished run. At the end it prints
-the table of held-out accuracies and writes `summary.json`, `accuracy.png`, `online.png` and
-`frontier.png`.
+the table of held-out accuracies and writes `summary.json`, `accuracy.png` and `online.png`.
 """
 
 from __future__ import annotations
@@ -45,10 +43,6 @@ _SFT_PROBLEMS = flags.DEFINE_integer("sft_problems", 10_000, "Training problems 
 _PAIR_PROBLEMS = flags.DEFINE_integer("pair_problems", 2_000, "Training problems sampled for pairs.")
 _SAMPLES = flags.DEFINE_integer("samples", 4, "Samples per problem for pairs.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature for pairs.")
-_FRONTIER = flags.DEFINE_list(
-    "frontier_kl_coefs", ["0", "0.2"], "PPO's KL coefficients beside the ppo stage's, for the frontier."
-)
-_FRONTIER_WINDOW = 10  # logged steps at the end of a run whose KL and reward make its frontier point
 
 log = logging.getLogger("pipeline")
 _SAMPLE_BATCH = 512  # prompts per generation call
@@ -111,56 +105,15 @@ def write_data(root: pathlib.Path, sft_workdir: pathlib.Path | None) -> None:
     log.info("preference pairs: %s", report)
 
 
-def run_stage(root: pathlib.Path, variant: str, init: pathlib.Path, name: str = "", **rl) -> dict:
-    """The variant's run in root/name (default: root/variant), with `rl` settings changed."""
+def run_stage(root: pathlib.Path, variant: str, init: pathlib.Path) -> dict:
     cfg = experiment.get_config(variant)
     cfg.init.from_workdir = str(init)
     for key in ("train_paths", "eval_paths"):
         cfg.data[key] = tuple(str(root / "data" / pathlib.Path(p).name) for p in cfg.data[key])
     if cfg.rl.reward_model:
         cfg.rl.reward_model = str(root / "reward")
-    cfg.rl.update(rl)
-    result = align_train.run(cfg, root / (name or variant))
+    result = align_train.run(cfg, root / variant)
     return result.last_eval
-
-
-def frontier_points(root: pathlib.Path, coefs: list[float]) -> list[dict]:
-    """Per PPO run: its KL coefficient, the mean KL to the SFT model and mean task reward of
-    its samples over the last logged steps, and its final held-out accuracy."""
-    points = []
-    for coef in coefs:
-        rows = read_metrics(root / _frontier_name(coef) / "metrics.jsonl")
-        last = [r for r in rows if "objective/kl" in r][-_FRONTIER_WINDOW:]
-        mean = lambda key: sum(r[key] for r in last) / len(last)
-        accuracy = [r["eval_accuracy"] for r in rows if "eval_accuracy" in r][-1]
-        points.append({"kl_coef": coef, "kl": mean("objective/kl"), "scores": mean("objective/scores"), "accuracy": accuracy})
-    return points
-
-
-def _frontier_name(coef: float) -> str:
-    return "ppo" if coef == experiment.get_config("ppo").rl.kl_coef else f"ppo_kl{coef:g}"
-
-
-def plot_frontier(points: list[dict], out_path: pathlib.Path) -> None:
-    """Task reward of the samples, and held-out accuracy, against the KL to the SFT model, one
-    point per PPO KL coefficient."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
-    points = sorted(points, key=lambda p: p["kl"])
-    for ax, key, title in zip(axes, ("scores", "accuracy"), ("task reward of the samples (train)", "held-out accuracy (greedy)")):
-        ax.plot([p["kl"] for p in points], [p[key] for p in points], "o-", ms=5)
-        for p in points:
-            ax.annotate(f"β={p['kl_coef']:g}", (p["kl"], p[key]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel(f"KL to the SFT model (nats per response, last {_FRONTIER_WINDOW} logged steps)")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
 
 
 def plot_summary(root: pathlib.Path, out_path: pathlib.Path) -> None:
@@ -259,14 +212,9 @@ def main(argv):
     summary["pairs"] = json.loads((root / "data" / "pairs_report.json").read_text())
     for variant in experiment.VARIANTS[1:]:
         summary[variant] = run_stage(root, variant, root / "sft")
-    coefs = sorted({experiment.get_config("ppo").rl.kl_coef, *map(float, _FRONTIER.value)})
-    for coef in coefs:
-        run_stage(root, "ppo", root / "sft", name=_frontier_name(coef), kl_coef=coef)
-    summary["frontier"] = frontier_points(root, coefs)
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_summary(root, root / "accuracy.png")
     plot_online(root, root / "online.png")
-    plot_frontier(summary["frontier"], root / "frontier.png")
     print(table(summary))
 
 

@@ -1,13 +1,11 @@
 """The experiment presets validate on the machines they are written for, and multi-host
 launches are checked per process before anything compiles."""
 
-import json
-
 import pytest
 
 from align import config as align_config
 from experiments import gpt2_124m, quickstart, tpu_pod
-from experiments.align import arithmetic, pipeline
+from experiments.align import arithmetic
 from model import sharding
 from train import config as config_lib
 
@@ -53,12 +51,3 @@ def test_multi_host_mismatches_name_the_key(n_devices, n_processes, overrides, m
 @pytest.mark.parametrize("variant", arithmetic.VARIANTS)
 def test_post_training_variants_validate(variant):
     align_config.validate(arithmetic.get_config(variant), n_devices=1, n_processes=1)
-
-
-def test_frontier_points_average_the_last_logged_steps(tmp_path):
-    rows = [{"step": s, "objective/kl": float(s), "objective/scores": 0.5} for s in range(1, 21)]
-    rows.append({"step": 20, "eval_accuracy": 0.25})
-    (tmp_path / "ppo_kl0.5").mkdir()
-    (tmp_path / "ppo_kl0.5" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    [point] = pipeline.frontier_points(tmp_path, [0.5])
-    assert point == {"kl_coef": 0.5, "kl": sum(range(11, 21)) / 10, "scores": 0.5, "accuracy": 0.25}
