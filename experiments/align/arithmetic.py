@@ -46,8 +46,8 @@ def get_config(variant: str = "sft"):
         c.checkpoint.every_steps = 50
         c.optimizer.update(lr=3e-5, warmup_steps=5, schedule="constant")
         if c.method == "ppo":
-            # With the value loss weighted 0.1 the value head lags, the baseline is the batch
-            # mean, and held-out accuracy fell from 59% to 51% over 250 steps; at 1.0 it rose.
+            # With the value loss weighted 0.1 the value head lags behind (held-out accuracy
+            # 51% after 250 steps from the SFT model's 59%, against 54% at 1.0).
             c.rl.update(kl_coef=0.02, kl_estimator="k1", vf_coef=1.0, gamma=1.0, lam=0.95)
             if variant == "ppo_rm":
                 c.rl.update(reward_model=f"{ROOT}/reward", value_init="reward_model")
