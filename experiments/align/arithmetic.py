@@ -30,8 +30,8 @@ def get_config(variant: str = "sft"):
         c.method = "sft"
         c.init.from_workdir = f"{ROOT}/pretrained"
         c.data.update(train_paths=(f"{ROOT}/data/sft_train.jsonl",), eval_paths=(f"{ROOT}/data/sft_eval.jsonl",))
-        # Stopped midway through learning the carries (held-out accuracy climbs steeply from
-        # step 1,000 on), which leaves room for the later stages to show an effect.
+        # Stopped while held-out accuracy still climbs (2% at step 200, 31% at 700, 59% at
+        # 1,200), which leaves room for the later stages to show an effect.
         c.train.steps = 1200
         c.optimizer.update(lr=1e-3, warmup_steps=50, schedule="cosine", min_lr_ratio=0.1)
         c.eval.every_steps = 100
