@@ -106,17 +106,23 @@ def scores(tokenizer, tokens_RN, mask_RN, answers_R) -> np.ndarray:
     return np.asarray([arithmetic.reward_of_answer(int(a), r) for a, r in zip(answers_R, responses)], np.float32)
 
 
-def training_rows(prompts_RP, lengths_R, tokens_RN, mask_RN) -> dict[str, np.ndarray]:
-    """Prompt + response as [R, P + N - 1] inputs and targets; padding has segment id 0."""
+def _joined(prompts_RP, lengths_R, tokens_RN, response_RN):
+    """(prompt + response [R, P + N], its real tokens, their positions): the left-padded prompt
+    followed by the response tokens `response_RN` marks."""
     R, P = prompts_RP.shape
     sequence = np.concatenate([prompts_RP, tokens_RN], axis=1)
     slots = np.arange(sequence.shape[1])
-    real = (slots >= P - lengths_R[:, None]) & np.concatenate([np.ones((R, P), bool), mask_RN], axis=1)
-    segment_ids = real.astype(np.int32)[:, :-1]
-    positions = np.maximum(slots[None, :-1] - (P - lengths_R[:, None]), 0).astype(np.int32)
+    real = (slots >= P - lengths_R[:, None]) & np.concatenate([np.ones((R, P), bool), response_RN], axis=1)
+    positions = np.maximum(slots[None, :] - (P - lengths_R[:, None]), 0).astype(np.int32)
+    return sequence, real, positions
+
+
+def training_rows(prompts_RP, lengths_R, tokens_RN, mask_RN) -> dict[str, np.ndarray]:
+    """Prompt + response as [R, P + N - 1] inputs and targets; padding has segment id 0."""
+    sequence, real, positions = _joined(prompts_RP, lengths_R, tokens_RN, mask_RN)
     return {
-        "inputs": sequence[:, :-1], "targets": sequence[:, 1:], "segment_ids": segment_ids,
-        "positions": positions, "response_mask": mask_RN.astype(np.float32),
+        "inputs": sequence[:, :-1], "targets": sequence[:, 1:], "segment_ids": real.astype(np.int32)[:, :-1],
+        "positions": positions[:, :-1], "response_mask": mask_RN.astype(np.float32),
     }
 
 
@@ -124,12 +130,7 @@ def reward_model_rows(prompts_RP, lengths_R, tokens_RN, mask_RN, eos_id: int) ->
     """Prompt + response as [R, P + N] rows the way a reward model read its training pairs:
     the last real token is the response's last token before EOS (align/data.py's rows end
     there, their EOS being a target only)."""
-    R, P = prompts_RP.shape
-    sequence = np.concatenate([prompts_RP, tokens_RN], axis=1)
-    slots = np.arange(sequence.shape[1])
-    response = mask_RN & (tokens_RN != eos_id)
-    real = (slots >= P - lengths_R[:, None]) & np.concatenate([np.ones((R, P), bool), response], axis=1)
-    positions = np.maximum(slots[None, :] - (P - lengths_R[:, None]), 0).astype(np.int32)
+    sequence, real, positions = _joined(prompts_RP, lengths_R, tokens_RN, mask_RN & (tokens_RN != eos_id))
     return {"inputs": np.where(real, sequence, 0), "segment_ids": real.astype(np.int32), "positions": positions}
 
 

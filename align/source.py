@@ -49,12 +49,7 @@ def from_workdir(workdir, setting: str = "init.from_workdir") -> Start:
 
     def load_params(mesh):
         state = _restored_state(workdir, source, model_config, mesh)
-        if "method" not in source:
-            return state.params
-        params = trees.policy(source, state.params, state.frozen)
-        if trees.uses_lora(source):  # merged on the host side of jit: re-place on the mesh
-            params = jax.device_put(params, tree_shardings(model.abstract_params(model_config), mesh))
-        return params
+        return _policy_of(source, state, model_config, mesh) if "method" in source else state.params
 
     return Start(model_config, tokenizer, load_params, f"workdir {workdir}")
 
@@ -73,10 +68,7 @@ def reward_model(workdir, mesh, setting: str = "rl.reward_model") -> RewardModel
     if source.get("method") != "reward":
         raise ValueError(f"{setting}={str(workdir)!r}: a {source.get('method', 'pretraining')} run, not a reward model")
     state = _restored_state(workdir, source, model_config, mesh)
-    transformer = trees.policy(source, state.params, state.frozen)
-    if trees.uses_lora(source):
-        transformer = jax.device_put(transformer, tree_shardings(model.abstract_params(model_config), mesh))
-    params = {"model": transformer, "score": state.params["score"]}
+    params = {"model": _policy_of(source, state, model_config, mesh), "score": state.params["score"]}
     return RewardModel(model_config, tokenizer, params, state.frozen["normalization"])
 
 
@@ -96,6 +88,14 @@ def _run_of(workdir, setting: str):
     else:  # a pretraining run keeps its tokenizer in the data cache
         tokenizer = pipeline.prepare(source.data, verbose=False).tokenizer
     return workdir, source, model_config, tokenizer
+
+
+def _policy_of(source, state, model_config, mesh):
+    """The transformer of a post-training state: the trained model, or base + merged adapters."""
+    params = trees.policy(source, state.params, state.frozen)
+    if trees.uses_lora(source):  # merged on the host side of jit: re-place on the mesh
+        params = jax.device_put(params, tree_shardings(model.abstract_params(model_config), mesh))
+    return params
 
 
 def _restored_state(workdir, source, model_config, mesh):
