@@ -16,7 +16,10 @@ $(VENV)/.test: pyproject.toml $(VENV)/.main
 
 .PHONY: quickstart test
 quickstart: $(VENV)/.main
+	$(PY) -m data.prepare --config=experiments/quickstart.py
 	$(PY) -m train.pretrain --config=experiments/quickstart.py --workdir=runs/quickstart
 
+# Two worker processes, each taking whole files (so a module's fixtures are built once): the
+# tests spend most of their time compiling, which is single-threaded.
 test: $(VENV)/.test
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n 2 --dist loadfile

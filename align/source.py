@@ -86,7 +86,7 @@ def _run_of(workdir, setting: str):
     if tokenizer_file.is_file():
         tokenizer = Tokenizer.load(tokenizer_file)
     else:  # a pretraining run keeps its tokenizer in the data cache
-        tokenizer = pipeline.prepare(source.data, verbose=False).tokenizer
+        tokenizer = pipeline.open_corpus(source.data).tokenizer
     return workdir, source, model_config, tokenizer
 
 

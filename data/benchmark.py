@@ -10,7 +10,7 @@ import time
 
 import datasketch
 
-from data import dedup, pipeline, words
+from data import dedup, pipeline, prepare, words
 
 
 def _documents_text(corpus, max_bytes: int) -> list[str]:
@@ -36,7 +36,7 @@ def packed_reading(corpus, seq_len: int, batch_size: int, seconds: float) -> tup
     iterator = pipeline.train_iterator(
         corpus, seq_len=seq_len, batch_size=batch_size, worker_count=0
     )
-    next(iterator)  # opens the token file and builds the chunk table
+    next(iterator)  # maps the token shards and fills the shuffle window
     batches, used, start = 0, 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         used += int((next(iterator)["segment_ids"] > 0).sum())
@@ -73,7 +73,7 @@ def main() -> None:
 
     cfg = pipeline.default_config()
     cfg.cache_dir = args.cache_dir
-    corpus = pipeline.prepare(cfg)
+    corpus = prepare.run(cfg)
     texts = _documents_text(corpus, args.sample_bytes)
     megabytes = sum(len(t.encode("utf-8")) for t in texts) / 1e6
     rate = tokenization(corpus, texts)

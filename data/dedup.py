@@ -1,12 +1,13 @@
-"""Exact and near-duplicate detection: content hashes, MinHash signatures, LSH (datasketch).
+"""What deduplication compares: whitespace-normalized text (exact) and MinHash signatures (near).
 
-Signatures are computed here with numpy rather than with `datasketch.MinHash`: datasketch hashes
-every shingle with SHA-1 in a Python loop, which `python -m data.benchmark` measures at about
-half the speed on source code (4.0 against 8.7 MB/s on one core of the 2-core CPU). The banding index and its
-(bands, rows) choice for a Jaccard threshold come from `datasketch.MinHashLSH`.
+The datatrove stages of `data/steps.py` find the duplicates; this module gives them their
+inputs. Signatures are computed here with numpy rather than by datatrove's MinHash step or
+`datasketch.MinHash`: both hash every shingle in a Python loop (datatrove after lower-casing
+and dropping punctuation, which changes what "similar" means); `python -m data.benchmark`
+measures datasketch at about half the speed on source code (4.0 against 8.7 MB/s on one core
+of the 2-core CPU). The LSH bands for a Jaccard threshold are chosen as `datasketch.MinHashLSH`
+chooses them.
 """
-
-import hashlib
 
 import numpy as np
 
@@ -15,9 +16,9 @@ from data import words
 _EMPTY_SLOT = np.uint64(2**32 - 1)
 
 
-def exact_key(text: str) -> bytes:
-    """Content hash that ignores how whitespace is laid out."""
-    return hashlib.blake2b(" ".join(text.split()).encode("utf-8"), digest_size=16).digest()
+def exact_text(text: str) -> str:
+    """What exact deduplication hashes: the text without its whitespace layout."""
+    return " ".join(text.split())
 
 
 class MinHasher:
@@ -50,29 +51,29 @@ class MinHasher:
         return signature
 
 
-def near_duplicates(signatures: list[np.ndarray], threshold: float) -> list[int | None]:
-    """For each signature, the index of an earlier kept document it near-duplicates, else None.
+def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows per band) for candidate pairs at Jaccard >= threshold: the split of at most
+    num_perm slots that minimizes 0.1 x the chance of candidates below the threshold plus 0.9 x
+    the chance of missing pairs above it, integrated over the similarity (datasketch.MinHashLSH's
+    rule, whose scipy import costs the preparation about a second).
 
-    Documents are visited in order; a document is kept when no kept document is a candidate from
-    the LSH buckets with estimated Jaccard similarity >= threshold, so the first copy survives.
+    Candidates are verified against the threshold afterwards, so a false positive costs only
+    one comparison: weighting false negatives 9:1 picks more, shorter bands (at threshold 0.8
+    and 128 permutations, 14 bands of 9 rows: a pair at Jaccard 0.9 is missed 0.1% of the time,
+    one at 0.5 becomes a candidate 2.7% of the time).
     """
-    # Imported here: datasketch loads scipy (about a second), which the worker processes that
-    # compute signatures do not need.
-    import datasketch
+    below, above = np.linspace(0.0, threshold, 2001), np.linspace(threshold, 1.0, 2001)
+    best, best_error = (1, 1), np.inf
+    for bands in range(1, num_perm + 1):
+        for rows in range(1, num_perm // bands + 1):
+            false_positive = np.trapezoid(1 - (1 - below**rows) ** bands, below)
+            false_negative = np.trapezoid((1 - above**rows) ** bands, above)
+            error = 0.1 * false_positive + 0.9 * false_negative
+            if error < best_error:
+                best, best_error = (bands, rows), error
+    return best
 
-    if not signatures:
-        return []
-    # Candidates are verified against the threshold below, so a false positive costs only one
-    # comparison: weighting false negatives 9:1 picks more, shorter bands (at threshold 0.8 and
-    # 128 permutations a pair with Jaccard 0.9 is missed 0.1% of the time instead of 7%).
-    index = datasketch.MinHashLSH(threshold, num_perm=signatures[0].size, weights=(0.1, 0.9))
-    duplicate_of = []
-    for i, signature in enumerate(signatures):
-        minhash = datasketch.LeanMinHash(seed=0, hashvalues=signature)
-        candidates = sorted(index.query(minhash))
-        similar = (j for j in candidates if np.mean(signatures[j] == signature) >= threshold)
-        match = next(similar, None)
-        if match is None:
-            index.insert(i, minhash, check_duplication=False)
-        duplicate_of.append(match)
-    return duplicate_of
+
+def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Share of equal slots of two signatures: an unbiased estimate of the Jaccard similarity."""
+    return float(np.mean(a == b))

@@ -1,4 +1,4 @@
-"""Packed batches from the token cache with grain: chunk, shuffle, pack, batch, shard.
+"""Packed batches from the token shards with grain: shuffle documents, chunk, pack, batch, shard.
 
 A batch is a dict of int32 [B, L] arrays:
   inputs, targets  next-token pairs; within a document targets[t] == inputs[t + 1]
@@ -8,72 +8,80 @@ A document [BOS, t1..tn, EOS] contributes the pairs (doc[:-1], doc[1:]). One lon
 is cut into chunks of L + 1 tokens overlapping by one token, so no target is lost; each chunk is
 its own segment. grain's first-fit packing places whole chunks into rows, so every token of
 every document lands in exactly one row, in order.
+
+The index is over documents, counted through the manifest's shards (memory grows with shards,
+not documents or tokens); host `shard_index` of `shard_count` reads every shard_count-th
+document. Training documents are shuffled, then their chunks within a window of
+`SHUFFLE_WINDOW` chunks (or the host's epoch, if shorter), so that the chunks of a long document spread over many batches
+instead of filling neighbouring rows, and a run shorter than an epoch still sees chunks of
+many documents. The window holds views into the mapped shards, not copies.
 """
 
 import dataclasses
-import functools
 import math
-import pathlib
 from collections.abc import Iterator
 
 import grain
 import numpy as np
 from absl import flags
 
-from data import token_cache
-
 PACKING_BINS = 64  # rows filled at once; more bins pack tighter but delay the first batch
-# Reading a chunk is a memmap slice: grain's reader threads would only add locking (its default
-# 16 threads and 500-element buffer cut packed-batch throughput by more than half here).
+SHUFFLE_WINDOW = 65_536  # chunks shuffled together (array views of 112 bytes, whatever seq_len)
+# Reading a document is a memmap slice: grain's reader threads would only add locking (its
+# default 16 threads and 500-element buffer cut packed-batch throughput by more than half here).
 _READ_IN_PLACE = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 
-def chunk_spans(offsets: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(starts, ends) token spans of the chunks, each of at most seq_len (input, target) pairs."""
-    document_starts = offsets[:-1]
-    pairs = np.diff(offsets) - 1
-    chunks_per_document = -(-pairs // seq_len)
-    document = np.repeat(np.arange(pairs.size), chunks_per_document)
-    first_chunk = np.cumsum(chunks_per_document) - chunks_per_document
-    chunk_in_document = np.arange(document.size) - first_chunk[document]
-    starts = document_starts[document] + chunk_in_document * seq_len
-    ends = np.minimum(starts + seq_len + 1, offsets[document + 1])
-    return starts, ends
-
-
 @dataclasses.dataclass
-class ReadChunk:
-    """Chunk index -> {"pairs": int32[n, 2]} of (input, target) tokens.
+class Chunks(grain.experimental.FlatMapTransform):
+    """Document -> its chunks of at most seq_len + 1 tokens overlapping by one: views of the
+    document, no copies."""
 
-    Inputs and targets travel as one [n, 2] feature so that the packer places one array per
-    chunk instead of two. Holds only paths and sizes, so it pickles cheaply into grain's worker
-    processes; each process maps the token file and computes the chunk table on first use.
-    """
-
-    directory: pathlib.Path
-    split: str
-    dtype: str
     seq_len: int
+    max_fan_out: int = 2**31 - 1  # grain checks it only for map datasets; documents have any length
 
-    @functools.cached_property
-    def _table(self):
-        split = token_cache.TokenizedSplit(self.directory, self.split, np.dtype(self.dtype))
-        # A plain ndarray view of the mapped file: slicing np.memmap itself is several times slower.
-        tokens = np.asarray(split.tokens)
-        return (tokens, *chunk_spans(split.offsets, self.seq_len))
+    def flat_map(self, document: np.ndarray) -> list[np.ndarray]:
+        return [document[start : start + self.seq_len + 1] for start in range(0, len(document) - 1, self.seq_len)]
 
-    def __len__(self) -> int:
-        return self._table[1].size
 
-    def __call__(self, index: int) -> dict[str, np.ndarray]:
-        tokens, starts, ends = self._table
-        chunk = tokens[starts[index] : ends[index]]
-        pairs = np.empty((chunk.size - 1, 2), np.int32)
-        pairs[:, 0], pairs[:, 1] = chunk[:-1], chunk[1:]
-        return {"pairs": pairs}
+def _pairs(chunk: np.ndarray) -> dict[str, np.ndarray]:
+    """{"pairs": int32[n, 2]} of the chunk's (input, target) tokens: one feature, so that the
+    packer places one array per chunk instead of two."""
+    pairs = np.empty((chunk.size - 1, 2), np.int32)
+    pairs[:, 0], pairs[:, 1] = chunk[:-1], chunk[1:]
+    return {"pairs": pairs}
 
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_table"}
+
+class DataChanged(ValueError):
+    """A checkpoint's data-iterator state belongs to another token cache."""
+
+
+class Batches(grain.DatasetIterator):
+    """The training iterator: grain's, with the digest of the manifest it reads in its state, so
+    that a checkpoint cannot resume on another token cache."""
+
+    def __init__(self, parent: grain.DatasetIterator, manifest_digest: str):
+        super().__init__(parent)
+        self.manifest_digest = manifest_digest
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._parent)
+
+    def get_state(self) -> dict:
+        return {"manifest_digest": self.manifest_digest, "batches": self._parent.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        if state["manifest_digest"] != self.manifest_digest:
+            raise DataChanged(
+                f"the checkpoint was saved reading the token cache with manifest digest "
+                f"{state['manifest_digest']}, but this run reads one with digest "
+                f"{self.manifest_digest}: the data changed (see data_report.json); train in a new "
+                "workdir or point data.cache_dir at the cache the run started with"
+            )
+        self._parent.set_state(state["batches"])
+
+    def close(self) -> None:
+        self._parent.close()
 
 
 def _split_pairs(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -111,10 +119,6 @@ def pack(
     )
 
 
-def _read_chunk(corpus, split: str, seq_len: int) -> ReadChunk:
-    return ReadChunk(corpus.directory, split, corpus.token_dtype.str, seq_len)
-
-
 def train_iterator(
     corpus,
     *,
@@ -125,26 +129,31 @@ def train_iterator(
     shard_count: int = 1,
     num_epochs: int | None = None,
     worker_count: int | None = None,
-) -> grain.DatasetIterator:
+) -> Batches:
     """Packed training batches; endless unless num_epochs is set (then a last partial batch is
     dropped).
 
-    Process `shard_index` of `shard_count` reads every shard_count-th chunk. Each epoch is
+    Process `shard_index` of `shard_count` reads every shard_count-th document. Each epoch is
     reshuffled (grain folds the epoch into `seed`). `get_state()` / `set_state()` resume exactly,
     also in a new process, given the same corpus, arguments and worker_count (default:
     corpus.config.worker_count; 0 reads in this process).
     """
     check_request(seq_len, batch_size, shard_index, shard_count, seed)
-    read_chunk = _read_chunk(corpus, "train", seq_len)
-    chunks = grain.MapDataset.range(len(read_chunk))[shard_index::shard_count]
-    if len(chunks) == 0:
+    split = corpus.split("train")
+    documents = grain.MapDataset.range(split.num_documents)[shard_index::shard_count]
+    if len(documents) == 0:
         raise ValueError(
             f"shard {shard_index} of {shard_count} gets no training data: the train split has "
-            f"{len(read_chunk)} chunks of at most seq_len={seq_len} tokens"
+            f"{split.num_documents} documents"
         )
-    dataset = chunks.shuffle(seed=seed).repeat(num_epochs).map(read_chunk)
+    dataset = documents.shuffle(seed=seed).repeat(num_epochs).map(split.document)
     dataset = dataset.to_iter_dataset(_READ_IN_PLACE)
-    dataset = pack(dataset, "pairs", seq_len, corpus.tokenizer.pad_id, seed, shuffle_bins=True)
+    dataset = grain.experimental.FlatMapIterDataset(dataset, Chunks(seq_len))
+    # Each document adds at most one chunk beyond its tokens / seq_len.
+    epoch_chunks = (split.num_tokens // seq_len + split.num_documents) // shard_count + 1
+    window = min(SHUFFLE_WINDOW, epoch_chunks)
+    dataset = grain.experimental.WindowShuffleIterDataset(dataset, window_size=window, seed=seed)
+    dataset = pack(dataset.map(_pairs), "pairs", seq_len, corpus.tokenizer.pad_id, seed, shuffle_bins=True)
     dataset = dataset.batch(batch_size, drop_remainder=True).map(_split_pairs)
     worker_count = corpus.config.worker_count if worker_count is None else worker_count
     if worker_count:
@@ -153,7 +162,7 @@ def train_iterator(
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return iter(dataset)
+    return Batches(iter(dataset), corpus.digest)
 
 
 def eval_batches(
@@ -167,9 +176,10 @@ def eval_batches(
     a process that has run out.
     """
     check_request(seq_len, batch_size, shard_index, shard_count)
-    read_chunk = _read_chunk(corpus, "val", seq_len)
-    chunks = grain.MapDataset.range(len(read_chunk)).map(read_chunk)
-    chunks = chunks.to_iter_dataset(_READ_IN_PLACE)
+    split = corpus.split("val")
+    documents = grain.MapDataset.range(split.num_documents).map(split.document)
+    chunks = grain.experimental.FlatMapIterDataset(documents.to_iter_dataset(_READ_IN_PLACE), Chunks(seq_len))
+    chunks = chunks.map(_pairs)
     pad_id = corpus.tokenizer.pad_id
     rows, total_rows, emitted = [], 0, 0
     for row in pack(chunks, "pairs", seq_len, pad_id, seed=0, shuffle_bins=False):

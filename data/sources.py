@@ -24,6 +24,8 @@ import sys
 import sysconfig
 from collections.abc import Iterator
 
+import numpy as np
+
 FORMATS = ("auto", "text", "jsonl", "parquet")
 TEXT_UNITS = ("file", "paragraph")
 _PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")
@@ -155,11 +157,15 @@ def _within_limit(files: list[SourceFile], max_bytes: int) -> list[SourceFile]:
     return taken
 
 
-def fingerprint(cfg) -> str:
-    """Changes whenever a file that would be read changes (name, size or modification time)."""
-    files = list_files(cfg)
-    if cfg.source != "hf":
-        files = _within_limit(files, cfg.max_bytes)
+def fingerprint(cfg, taken: list[SourceFile] | None = None) -> str:
+    """Changes whenever a file that would be read changes (name, size or modification time).
+    `taken`: the files `plan` takes, when they are at hand (listing them takes a second for the
+    built-in corpus)."""
+    files = taken
+    if cfg.source == "hf":
+        files = list_files(cfg)
+    elif taken is None:
+        files = _within_limit(list_files(cfg), cfg.max_bytes)
     listing = [(f.key, f.size, f.mtime_ns) for f in files]
     extra = [_hf_location(cfg), cfg.hf_split] if cfg.source == "hf" else [sys.version]
     return hashlib.sha256(json.dumps([listing, extra]).encode("utf-8")).hexdigest()
@@ -264,53 +270,94 @@ def load_hf_dataset(location: str, split: str, split_key: str = "hf_split"):
     return dataset
 
 
-def _hf_documents(cfg) -> Iterator[Document]:
+@dataclasses.dataclass(frozen=True)
+class RowRange:
+    """Rows [start, stop) of the Hugging Face dataset: the share of one preparation task."""
+
+    start: int
+    stop: int
+
+
+def _hf_row_bytes(cfg) -> np.ndarray:
+    """UTF-8 bytes of each row's text, computed by pyarrow without decoding."""
+    import pyarrow.compute as pc
+
     location = _hf_location(cfg)
     dataset = load_hf_dataset(location, cfg.hf_split)
     if cfg.text_field not in dataset.column_names:
         found = ", ".join(dataset.column_names)
         raise ValueError(f"{location}: no column {cfg.text_field!r} (found: {found}); set text_field")
-    for row, value in enumerate(dataset[cfg.text_field]):
-        yield _checked(f"{location}: row {row}", cfg.text_field, value, f"{location}[{row}]")
+    lengths = pc.binary_length(dataset.with_format("arrow")[cfg.text_field])
+    return pc.fill_null(lengths, 0).to_numpy(zero_copy_only=False)
 
 
-def _read_hf(cfg, report: SourceReport) -> list[Document]:
-    """Rows in order until max_bytes; a dataset counts as one file in the report."""
-    documents, full = [], False
-    for document in _hf_documents(cfg):
-        size = len(document.text.encode("utf-8"))
-        report.bytes_found += size
-        full = full or bool(cfg.max_bytes and report.bytes_taken + size > cfg.max_bytes)
-        if not full:
-            documents.append(document)
-            report.bytes_taken += size
+def _hf_documents(cfg, rows: RowRange, batch_rows: int = 1000) -> Iterator[Document]:
+    location = _hf_location(cfg)
+    dataset = load_hf_dataset(location, cfg.hf_split)
+    for begin in range(rows.start, rows.stop, batch_rows):
+        values = dataset[begin : min(begin + batch_rows, rows.stop)][cfg.text_field]
+        for row, value in enumerate(values, start=begin):
+            yield _checked(f"{location}: row {row}", cfg.text_field, value, f"{location}[{row}]")
+
+
+def _plan_hf(cfg, tasks: int, report: SourceReport) -> list[RowRange]:
+    """The leading rows within max_bytes, cut into `tasks` ranges; a dataset counts as one file
+    in the report."""
+    sizes = _hf_row_bytes(cfg)
+    ends = np.cumsum(sizes, dtype=np.int64)
+    rows = int(np.searchsorted(ends, cfg.max_bytes, side="right")) if cfg.max_bytes else sizes.size
+    report.bytes_found = int(ends[-1]) if sizes.size else 0
+    report.bytes_taken = int(ends[rows - 1]) if rows else 0
     report.files_found = report.files_taken = 1
-    return documents
+    return [RowRange(rows * i // tasks, rows * (i + 1) // tasks) for i in range(tasks)]
 
 
-def read_documents(cfg) -> tuple[list[Document], SourceReport]:
-    """Every document of the configured source, within cfg.max_bytes."""
+def plan(cfg, tasks: int) -> tuple[list, SourceReport]:
+    """(what is read, in reading order: the files within cfg.max_bytes, or for a dataset one
+    row range per task; the report of what was found and taken)."""
     if cfg.format not in FORMATS:
         raise ValueError(f"format={cfg.format!r} is not one of {FORMATS}")
     if cfg.text_unit not in TEXT_UNITS:
         raise ValueError(f"text_unit={cfg.text_unit!r} is not one of {TEXT_UNITS}")
     report = SourceReport(kind=cfg.source, max_bytes=cfg.max_bytes)
     if cfg.source == "hf":
-        return _read_hf(cfg, report), report
+        return _plan_hf(cfg, tasks, report), report
     files = list_files(cfg)
     taken = _within_limit(files, cfg.max_bytes)
     report.files_found, report.bytes_found = len(files), sum(f.size for f in files)
     report.files_taken, report.bytes_taken = len(taken), sum(f.size for f in taken)
-    documents = []
-    for f in taken:
-        fmt = "text" if cfg.source == "builtin" else _file_format(f.path, cfg.format)
-        if fmt == "parquet":
-            documents.extend(_parquet_documents(f, cfg.text_field))
-            continue
-        text = _decode(f.path, report)
-        if fmt == "jsonl":
-            documents.extend(_jsonl_documents(f, text, cfg.text_field))
-        else:
-            unit = "file" if cfg.source == "builtin" else cfg.text_unit
-            documents.extend(_text_documents(f, text, unit))
-    return documents, report
+    return taken, report
+
+
+def unit_record(unit: "SourceFile | RowRange") -> dict:
+    """A unit of `plan` as JSON-ready values (`unit_from_record` reverses it)."""
+    return {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in dataclasses.asdict(unit).items()}
+
+
+def unit_from_record(record: dict) -> "SourceFile | RowRange":
+    if "start" in record:
+        return RowRange(**record)
+    return SourceFile(**{**record, "path": pathlib.Path(record["path"])})
+
+
+def read(cfg, unit: "SourceFile | RowRange", report: SourceReport) -> Iterator[Document]:
+    """The documents of one file or row range of `plan`; undecodable bytes are counted in
+    `report`."""
+    if isinstance(unit, RowRange):
+        yield from _hf_documents(cfg, unit)
+        return
+    fmt = "text" if cfg.source == "builtin" else _file_format(unit.path, cfg.format)
+    if fmt == "parquet":
+        yield from _parquet_documents(unit, cfg.text_field)
+        return
+    text = _decode(unit.path, report)
+    if fmt == "jsonl":
+        yield from _jsonl_documents(unit, text, cfg.text_field)
+    else:
+        yield from _text_documents(unit, text, "file" if cfg.source == "builtin" else cfg.text_unit)
+
+
+def read_documents(cfg) -> tuple[list[Document], SourceReport]:
+    """Every document of the configured source, within cfg.max_bytes, in memory."""
+    units, report = plan(cfg, tasks=1)
+    return [document for unit in units for document in read(cfg, unit, report)], report

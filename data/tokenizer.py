@@ -8,7 +8,6 @@ its three UTF-8 byte pieces.
 """
 
 import io
-import random
 
 import numpy as np
 import sentencepiece as spm
@@ -87,23 +86,14 @@ class Tokenizer:
         return self._processor.decode([[int(i) for i in row] for row in ids])
 
 
-def training_sample(texts: list[str], sample_bytes: int, seed: int) -> list[str]:
-    """Whole documents in a seeded random order until sample_bytes, cut into training pieces."""
-    order = list(range(len(texts)))
-    random.Random(seed).shuffle(order)
-    pieces, taken = [], 0
-    for i in order:
-        if taken >= sample_bytes:
-            break
-        text = texts[i]
-        taken += len(text.encode("utf-8"))
-        starts = range(0, len(text), _TRAINING_PIECE_CHARS)
-        pieces.extend(text[start : start + _TRAINING_PIECE_CHARS] for start in starts)
-    return pieces
+def training_pieces(texts: list[str]) -> list[str]:
+    """The documents cut into pieces SentencePiece trains on whole."""
+    return [text[start : start + _TRAINING_PIECE_CHARS] for text in texts
+            for start in range(0, len(text), _TRAINING_PIECE_CHARS)]
 
 
 def train(pieces: list[str], cfg, num_threads: int = 1) -> Tokenizer:
-    """Trains on `pieces` (see training_sample) as cfg (pipeline.default_config().tokenizer) says."""
+    """Trains on `pieces` (see training_pieces) as cfg (pipeline.default_config().tokenizer) says."""
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(

@@ -1,12 +1,17 @@
 """Whitespace-separated words as 64-bit hashes, vectorized with numpy.
 
-Shared by the repetition filters (cleaning.py) and the MinHash shingles (dedup.py). The hash is
+Shared by the repetition filters (cleaning.py) and the MinHash shingles (dedup.py);
+`WordSplitter` hands the same words to datatrove. The hash is
 computed from the UTF-8 bytes, so it is the same in every process and on every machine (Python's
 `hash` is salted per process, which would make signatures from worker processes incomparable).
 """
 
-import numpy as np
+import re
 
+import numpy as np
+from datatrove.utils.word_tokenizers import WordTokenizer
+
+_ASCII_WHITESPACE = re.compile(r"[ \t\n\v\f\r]+")
 _BYTE_MULTIPLIER = np.uint64(0x100000001B3)
 _NGRAM_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 
@@ -50,3 +55,17 @@ def hash_ngrams(word_hashes: np.ndarray, n: int) -> np.ndarray:
     for offset, multiplier in enumerate(_powers(_NGRAM_MULTIPLIER, n)):
         combined += word_hashes[offset : offset + count] * multiplier
     return _mix(combined)
+
+
+class WordSplitter(WordTokenizer):
+    """The words of `hash_words` as datatrove's word tokenizer: datatrove's MinHash step needs
+    one, and its default for English is spaCy's, which the project does not install."""
+
+    def word_tokenize(self, text: str) -> list[str]:
+        return [word for word in _ASCII_WHITESPACE.split(text) if word]
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        raise NotImplementedError("the project splits words only")
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        raise NotImplementedError("the project splits words only")

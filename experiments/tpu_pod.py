@@ -1,6 +1,9 @@
 """Template for a multi-host run (TPU VM pod, e.g. v5p-64, or multi-node GPU).
 
-Every host runs the same command; `jax.distributed.initialize()` joins them, each host
+The corpus is prepared once, before training, into a `data.cache_dir` every host sees: on a
+cluster (`--config.data.executor=ray` or `slurm`), or split over the pod's hosts, host i of n
+running `python -m data.prepare --config=experiments/tpu_pod.py --host_index=i --host_count=n`.
+Then every host runs the same command; `jax.distributed.initialize()` joins them, each host
 reads its own slice of the data (by process index) and checkpoints are written
 collectively. Put the workdir on storage every host sees (e.g. gs://bucket/run):
 

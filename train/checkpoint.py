@@ -9,6 +9,8 @@ import sys
 import grain
 import orbax.checkpoint as ocp
 
+from data.packing import DataChanged
+
 log = logging.getLogger(__name__)
 
 
@@ -87,6 +89,8 @@ class Checkpointer:
                         data=grain.checkpoint.CheckpointRestore(data_iterator),
                     ),
                 )
+            except DataChanged:  # readable, but of other data: no older checkpoint is better
+                raise
             except Exception as error:  # noqa: BLE001 - any unreadable checkpoint is skipped
                 log.warning(
                     "checkpoint %s/%d cannot be restored (%s); trying the previous one",

@@ -61,10 +61,11 @@ def evaluate(workdir: epath.PathLike, texts: list[str], batch_size: int = 0) -> 
     eval_step = compile_eval_step(language_model_loss(start.model_config), mesh, params_shardings)
     documents = start.tokenizer.encode_arrays(texts, add_bos=True, add_eos=True)
     with tempfile.TemporaryDirectory() as directory:
-        token_cache.write_split(
-            pathlib.Path(directory), "val", documents, token_cache.token_dtype(start.tokenizer.vocab_size)
+        shard = token_cache.write_shard(
+            pathlib.Path(directory) / "shards", "val", documents, token_cache.token_dtype(start.tokenizer.vocab_size)
         )
-        corpus = pipeline.Corpus(pathlib.Path(directory), start.tokenizer, report={}, config=None)
+        manifest = {"splits": {"val": {"shards": [shard]}}}
+        corpus = pipeline.Corpus(pathlib.Path(directory), manifest, start.tokenizer, config=None)
         loss_sum, tokens = 0.0, 0.0
         with jax.set_mesh(mesh):
             for batch in pipeline.eval_batches(

@@ -3,10 +3,11 @@
   python -m train.pretrain --config=experiments/quickstart.py --workdir=runs/quickstart \
       --config.train.steps=100
 
-Reads top to bottom: config, mesh, data, the compiled steps, then the shared loop
-(`train/loop.py`: restore or create the state, train, evaluate, checkpoint), then the loss
-plot and samples. Starting in a workdir that has checkpoints resumes from the newest readable
-one, data iterator included.
+Reads top to bottom: config, mesh, data (the token shards `python -m data.prepare` made for
+`config.data`), the compiled steps, then the shared loop (`train/loop.py`: restore or create
+the state, train, evaluate, checkpoint), then the loss plot and samples. Starting in a workdir
+that has checkpoints resumes from the newest readable one, data iterator included; a
+checkpoint saved on other data (another manifest digest) is refused.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import jax
 import ml_collections
 
 import model
-from data import pipeline
+from data import pipeline, prepare
 from model import flops_per_token, param_counts, sharding
 from model.generate import generate
 from train import config as config_lib
@@ -68,7 +69,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str
     model_config = config_lib.model_config(cfg)
     mesh = sharding.make_mesh(cfg.mesh.to_dict(), model_config=model_config)
 
-    corpus = pipeline.prepare(cfg.data)
+    corpus = _prepared_corpus(cfg.data)
     if corpus.tokenizer.vocab_size != model_config.vocab_size:
         raise ValueError(
             f"config.model.vocab_size={model_config.vocab_size} does not match the tokenizer's "
@@ -123,6 +124,19 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str
             f"files in {workdir}"
         )
     return result.last_eval
+
+
+def _prepared_corpus(data_cfg) -> pipeline.Corpus:
+    """The corpus `python -m data.prepare` made for `data_cfg`. A single-process run prepares it
+    first when it is missing; on several hosts that is left to the preparation command, run
+    once (or split over the hosts), not by every training process."""
+    try:
+        return pipeline.open_corpus(data_cfg)
+    except FileNotFoundError:
+        if jax.process_count() > 1:
+            raise
+    prepare.run_in_subprocess(data_cfg)
+    return pipeline.open_corpus(data_cfg)
 
 
 def _from_hf(cfg: ml_collections.ConfigDict):

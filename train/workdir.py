@@ -23,8 +23,6 @@ import jax
 import ml_collections
 from etils import epath
 
-from data import parallel
-
 log = logging.getLogger("train")
 
 LOCK_FILE = "run.lock"
@@ -32,10 +30,22 @@ LOCK_FILE = "run.lock"
 # trajectory.
 RESUMABLE = (
     "train.steps", "train.log_every", "train.nonfinite", "eval.", "checkpoint.", "sample.", "mesh.",
-    "train.profile_steps", "train.wandb_project", "data.cache_dir", "data.processes",
+    "train.profile_steps", "train.wandb_project", "data.cache_dir", "data.executor",
+    "data.workers", "data.slurm.",
     # Numerics-preserving implementation choices (the kernels agree to float32 rounding).
     "model.attention", "model.remat", "train.loss_chunk",
 )
+
+
+def process_running(pid: int) -> bool:
+    """Whether a process of this host with this id runs (a stale lock names one that does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
 
 
 def resolve(path) -> epath.Path:
@@ -102,7 +112,7 @@ def _lock(workdir: epath.Path) -> None:
         holder = json.loads(path.read_text() or "{}")
         if holder == me:
             return
-        if holder.get("host") == me["host"] and not parallel.process_running(holder.get("pid", -1)):
+        if holder.get("host") == me["host"] and not process_running(holder.get("pid", -1)):
             log.warning("taking over the stale lock of process %s (no longer running)", holder.get("pid"))
             path.unlink(missing_ok=True)
             continue

@@ -1,6 +1,6 @@
 import pytest
 
-from data import pipeline
+from data import prepare
 from tests.data import corpora
 
 
@@ -17,4 +17,4 @@ def prepared(text_corpus, tmp_path_factory):
     """The text corpus prepared once for the loader tests."""
     directory, _ = text_corpus
     cfg = corpora.small_config(directory, tmp_path_factory.mktemp("cache"))
-    return pipeline.prepare(cfg, verbose=False)
+    return prepare.run(cfg)

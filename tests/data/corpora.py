@@ -40,7 +40,7 @@ def small_config(corpus: pathlib.Path, cache_dir: pathlib.Path, **overrides):
     cfg.cache_dir = str(cache_dir)
     cfg.max_bytes = 0
     cfg.val_fraction = 0.2
-    cfg.processes = 1
+    cfg.workers = 1
     cfg.cleaning.min_chars = 20
     cfg.tokenizer.vocab_size = 400
     cfg.tokenizer.sample_bytes = 200_000

@@ -1,6 +1,7 @@
 import random
 
 import numpy as np
+import pytest
 
 from data import dedup, words
 from tests.data import corpora
@@ -18,9 +19,9 @@ def _edit(rng: random.Random, text: str, replacements: int, vocabulary: list[str
     return " ".join(tokens)
 
 
-def test_exact_key_ignores_whitespace_layout_only():
-    assert dedup.exact_key("a  b\n\tc ") == dedup.exact_key("a b c")
-    assert dedup.exact_key("a b c") != dedup.exact_key("a b d")
+def test_exact_text_ignores_whitespace_layout_only():
+    assert dedup.exact_text("a  b\n\tc ") == dedup.exact_text("a b c") == "a b c"
+    assert dedup.exact_text("a b c") != dedup.exact_text("a b d")
 
 
 def test_minhash_estimates_jaccard_similarity():
@@ -38,15 +39,26 @@ def test_minhash_estimates_jaccard_similarity():
         assert abs(estimate - true_jaccard) < 0.08, (replacements, true_jaccard, estimate)
 
 
-def test_near_duplicates_finds_planted_copies_and_keeps_the_first():
-    rng = random.Random(1)
-    vocabulary = corpora.vocabulary(rng)
-    originals = [corpora.prose(rng, 300, vocabulary) for _ in range(20)]
-    texts = originals + [_edit(rng, originals[3], 3, vocabulary), _edit(rng, originals[11], 2, vocabulary)]
-    minhasher = dedup.MinHasher(num_perm=128, ngram=5)
-    signatures = [minhasher.signature(words.hash_words(t)[0]) for t in texts]
-    duplicate_of = dedup.near_duplicates(signatures, threshold=0.8)
-    assert duplicate_of == [None] * 20 + [3, 11]
+@pytest.mark.parametrize("threshold, num_perm", [(0.5, 64), (0.8, 128), (0.9, 256)])
+def test_lsh_bands_are_datasketch_choice(threshold, num_perm):
+    import datasketch
+
+    lsh = datasketch.MinHashLSH(threshold, num_perm=num_perm, weights=(0.1, 0.9))
+    assert dedup.lsh_bands(threshold, num_perm) == (lsh.b, lsh.r)
+
+
+def test_lsh_bands_make_likely_pairs_candidates_and_unlikely_ones_rare():
+    bands, rows = dedup.lsh_bands(threshold=0.8, num_perm=128)
+    assert (bands, rows) == (14, 9)
+    candidate = lambda jaccard: 1 - (1 - jaccard**rows) ** bands
+    assert candidate(0.9) > 0.99 and candidate(0.5) < 0.05
+
+
+def test_word_splitter_gives_the_words_hash_words_hashes():
+    text = " déjà\tvu\n vu\u00a0x \x0bend "
+    split = words.WordSplitter().word_tokenize(text)
+    assert split == ["déjà", "vu", "vu\u00a0x", "end"]  # ASCII whitespace only, like hash_words
+    assert [words.hash_words(w)[0][0] for w in split] == words.hash_words(text)[0].tolist()
 
 
 def test_short_texts_get_one_shingle():

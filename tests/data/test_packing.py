@@ -1,5 +1,6 @@
 import collections
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -44,10 +45,13 @@ def _chunks_in(batches, pad_id: int) -> list[tuple]:
     return chunks
 
 
-def test_chunk_spans_cut_documents_into_overlapping_pieces():
-    offsets = np.array([0, 2, 7, 12])  # documents of 2, 5 and 5 tokens: 1, 4 and 4 pairs
-    starts, ends = packing.chunk_spans(offsets, seq_len=2)
-    assert list(zip(starts.tolist(), ends.tolist())) == [(0, 2), (2, 5), (4, 7), (7, 10), (9, 12)]
+def test_chunks_cut_documents_into_overlapping_pieces():
+    # Documents of 2 and 5 tokens: 1 and 4 pairs.
+    assert [c.tolist() for c in packing.Chunks(seq_len=2).flat_map(np.array([7, 8]))] == [[7, 8]]
+    document = np.arange(5)
+    chunks = packing.Chunks(seq_len=2).flat_map(document)
+    assert [c.tolist() for c in chunks] == [[0, 1, 2], [2, 3, 4]]
+    assert all(np.shares_memory(c, document) for c in chunks)  # views, not copies
 
 
 def test_packing_loses_no_token_and_keeps_order(prepared):
@@ -63,22 +67,24 @@ def test_rows_are_well_packed(prepared):
     assert (segment_ids.max(axis=1) > 1).mean() > 0.1  # document ends share rows
 
 
-def test_training_shards_cover_the_split_without_overlap(prepared):
-    expected = _expected_chunks(prepared, "train", SEQ_LEN)
-    per_shard = [
-        collections.Counter(
-            _chunks_in(
-                pipeline.train_iterator(
-                    prepared, seq_len=SEQ_LEN, batch_size=1, num_epochs=1, shard_index=i, shard_count=3
-                ),
-                prepared.tokenizer.pad_id,
-            )
+def _document_chunks(document: list, seq_len: int) -> collections.Counter:
+    return collections.Counter(
+        tuple(document[start : start + seq_len + 1]) for start in range(0, len(document) - 1, seq_len)
+    )
+
+
+@pytest.mark.parametrize("shard_count", [2, 4])
+def test_host_shards_read_disjoint_documents_that_make_up_the_train_split(prepared, shard_count):
+    split = prepared.split("train")
+    documents = [split.document(i).tolist() for i in range(split.num_documents)]
+    hosts = [list(range(len(documents)))[i::shard_count] for i in range(shard_count)]
+    assert sorted(sum(hosts, [])) == list(range(len(documents)))  # disjoint, and all of the split
+    for i, host in enumerate(hosts):
+        it = pipeline.train_iterator(
+            prepared, seq_len=SEQ_LEN, batch_size=1, num_epochs=1, shard_index=i, shard_count=shard_count
         )
-        for i in range(3)
-    ]
-    # Equal multisets: a chunk read by two shards would be counted twice.
-    assert sum(per_shard, collections.Counter()) == expected
-    assert all(per_shard)
+        expected = sum((_document_chunks(documents[d], SEQ_LEN) for d in host), collections.Counter())
+        assert collections.Counter(_chunks_in(it, prepared.tokenizer.pad_id)) == expected
 
 
 @pytest.mark.parametrize("shard_count", [1, 3])
@@ -90,8 +96,12 @@ def test_eval_batches_cover_validation_exactly_once(prepared, shard_count):
     assert len({len(batches) for batches in shards}) == 1  # every process runs the same number of steps
     chunks = [c for batches in shards for c in _chunks_in(batches, prepared.tokenizer.pad_id)]
     assert collections.Counter(chunks) == _expected_chunks(prepared, "val", SEQ_LEN)
-    last = shards[-1][-1]
-    assert (last["segment_ids"].sum(axis=1) == 0).any()  # the partial batch is padded with empty rows
+    # Rows are dealt to the shards in turn; the last batches are filled with empty rows.
+    used = [int((b["segment_ids"].sum(axis=1) > 0).sum()) for batches in shards for b in batches]
+    batches_per_shard = math.ceil(math.ceil(sum(used) / shard_count) / 4)
+    assert all(len(batches) == batches_per_shard for batches in shards)
+    empty = [int((b["segment_ids"].sum(axis=1) == 0).sum()) for batches in shards for b in batches]
+    assert sum(empty) == shard_count * batches_per_shard * 4 - sum(used)
 
 
 def test_same_seed_same_batches_other_seed_other_batches(prepared):
@@ -122,7 +132,7 @@ _RESUME = textwrap.dedent(
     from tests.data import corpora
 
     corpus_dir, cache_dir, state, count, out = sys.argv[1:]
-    corpus = pipeline.prepare(corpora.small_config(corpus_dir, cache_dir), verbose=False)
+    corpus = pipeline.open_corpus(corpora.small_config(corpus_dir, cache_dir))
     it = pipeline.train_iterator(corpus, seq_len=32, batch_size=4, seed=7)
     it.set_state(json.loads(state))
     batches = [next(it) for _ in range(int(count))]
@@ -148,6 +158,22 @@ def test_iterator_state_resumes_exactly_in_a_new_process(prepared, text_corpus, 
     for i, batch in enumerate(expected):
         for key, value in batch.items():
             assert np.array_equal(resumed[f"{i}/{key}"], value), (i, key)
+
+
+def test_iterator_state_is_small_and_names_the_manifest(prepared):
+    it = pipeline.train_iterator(prepared, seq_len=SEQ_LEN, batch_size=4, seed=7)
+    for _ in range(50):
+        next(it)
+    state = json.dumps(it.get_state())
+    assert len(state) < 1024, state  # indices and counters only, whatever the corpus size
+    assert json.loads(state)["manifest_digest"] == prepared.digest
+
+
+def test_resuming_on_another_token_cache_is_refused_naming_both_digests(prepared):
+    it = pipeline.train_iterator(prepared, seq_len=SEQ_LEN, batch_size=4)
+    state = {**it.get_state(), "manifest_digest": "f" * 64}
+    with pytest.raises(ValueError, match=rf"manifest digest {'f' * 64}, but this run reads one with digest {prepared.digest}"):
+        it.set_state(state)
 
 
 def test_worker_processes_resume_exactly_and_match_in_process_reading(prepared):

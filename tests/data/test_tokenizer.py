@@ -26,7 +26,7 @@ def trained():
     texts = [corpora.prose(rng, 200, vocabulary) for _ in range(100)]
     cfg = pipeline.default_config().tokenizer
     cfg.vocab_size = 400
-    return tokenizer.train(tokenizer.training_sample(texts, 10**6, seed=0), cfg)
+    return tokenizer.train(tokenizer.training_pieces(texts), cfg)
 
 
 def test_round_trip_is_lossless_on_arbitrary_unicode(trained):
@@ -61,7 +61,27 @@ def test_vocabulary_larger_than_the_corpus_supports_is_a_clear_error():
         tokenizer.train(["a tiny corpus with few distinct pieces"] * 10, cfg)
 
 
-def test_training_sample_respects_the_byte_budget():
-    texts = ["x" * 1000] * 50
-    sample = tokenizer.training_sample(texts, sample_bytes=4500, seed=0)
-    assert sum(map(len, sample)) == 5000  # whole documents until the budget is reached
+def test_training_pieces_cut_documents_without_losing_text():
+    texts = ["x" * 5000, "short"]
+    pieces = tokenizer.training_pieces(texts)
+    assert [len(p) for p in pieces] == [4096, 904, 5] and "".join(pieces) == "".join(texts)
+
+
+def test_tokenizer_sample_takes_training_documents_in_hash_order_until_the_budget(tmp_path):
+    from datatrove.data import Document
+
+    from data import sources, steps
+
+    layout = steps.Layout(tmp_path)
+    documents = [Document(text="y" * (100 + 37 * i), id=f"k{i}") for i in range(60)]
+    steps.SampleForTokenizer(layout, val_fraction=0.2, sample_bytes=2000).run(iter(documents), rank=3)
+    sample = [row["key"] for row in steps._rows(layout.data("tokenizer_sample") / "00003.jsonl")]
+    # Independently: training documents sorted by their hash, whole, until 2000 bytes are reached.
+    train = [d for d in documents if sources.stable_fraction(d.id) >= 0.2]
+    expected, taken = [], 0
+    for d in sorted(train, key=lambda d: sources.stable_fraction(d.id, purpose="tokenizer")):
+        if taken >= 2000:
+            break
+        expected.append(d.id)
+        taken += len(d.text)
+    assert sample == expected

@@ -10,6 +10,7 @@ import pytest
 import jax.numpy as jnp
 import numpy as np
 
+from data.packing import Batches, DataChanged
 from train.checkpoint import Checkpointer
 
 
@@ -78,6 +79,7 @@ def test_a_corrupt_checkpoint_passed_over_is_replaced_when_its_step_comes_again(
 _RESTORE_PAST_A_TRUNCATED_MANIFEST = """
 import logging, pathlib, sys
 import grain, jax.numpy as jnp
+from data.packing import Batches, DataChanged
 from train.checkpoint import Checkpointer
 
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", force=True)
@@ -119,3 +121,15 @@ def test_a_run_whose_checkpoints_all_fail_to_restore_stops_and_keeps_them(tmp_pa
     with pytest.raises(ValueError, match=r"none of the checkpoints \[1, 2, 3\] can be restored .* nothing was changed"):
         Checkpointer(tmp_path, keep=3).restore_latest(other_shape, _iterator())
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["1", "2", "3"]
+
+
+def test_a_checkpoint_of_other_data_stops_the_run_naming_both_digests(tmp_path):
+    """Every checkpoint of the run was saved on the other cache: none is skipped, none deleted."""
+    checkpointer = Checkpointer(tmp_path, keep=3)
+    for step in (1, 2):
+        checkpointer.save(step, {"w": jnp.zeros((3,))}, Batches(_iterator(), "a" * 64), {"note": "test"})
+    checkpointer.wait()
+    checkpointer.close()
+    with pytest.raises(DataChanged, match=f"digest {'a' * 64}, but this run reads one with digest {'b' * 64}"):
+        Checkpointer(tmp_path, keep=3).restore_latest({"w": jnp.zeros((3,))}, Batches(_iterator(), "b" * 64))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["1", "2"]

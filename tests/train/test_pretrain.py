@@ -83,7 +83,7 @@ def test_loss_decreases_and_outputs_are_written(uninterrupted):
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert np.mean([losses[s] for s in range(51, 61)]) < losses[1] - 1.0
     assert final["eval_loss"] < losses[1] - 1.0
-    bytes_per_token = pipeline.prepare(_data_config(workdir)).bytes_per_token
+    bytes_per_token = pipeline.open_corpus(_data_config(workdir)).bytes_per_token
     assert final["eval_bits_per_byte"] == pytest.approx(final["eval_loss"] / np.log(2) / bytes_per_token, rel=1e-6)
     for name in ("loss_curve.png", "samples.txt", "config.json"):
         assert (workdir / name).stat().st_size > 0
@@ -97,6 +97,8 @@ def test_loss_decreases_and_outputs_are_written(uninterrupted):
 
 def test_killed_run_resumes_on_the_same_trajectory(uninterrupted, corpus_dir, tmp_path):
     reference, cache, _ = uninterrupted
+    shards = pipeline.open_corpus(_data_config(reference)).manifest["splits"]["train"]["shards"]
+    assert len(shards) >= 8 and all(shard["documents"] for shard in shards)
     process = _launch(corpus_dir, cache, tmp_path)
     _wait_for_step(process, tmp_path, 23)
     process.send_signal(signal.SIGKILL)

@@ -139,4 +139,4 @@ def test_a_data_cache_on_an_object_store_is_refused():
     cfg = pipeline.default_config()
     cfg.cache_dir = "gs://bucket/cache"
     with pytest.raises(ValueError, match="memory-mapped, so it must be a local"):
-        pipeline.prepare(cfg, verbose=False)
+        pipeline.open_corpus(cfg)
