@@ -9,7 +9,7 @@ On one GPU, accumulate: --config.train.microbatches=16 gives 32 sequences per mi
 
 from train.config import base_config, model_fields
 
-VOCAB = 50304  # GPT-2's 50257 padded to a multiple of 128 for the tensor axis and kernels
+VOCAB = 50257  # GPT-2's; the model stores it padded to 50,304, a multiple of 128 (ModelConfig.padded_vocab_size)
 
 
 def get_config():
