@@ -31,15 +31,14 @@ import time
 import grain
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
 import model
 from align import reward, rl, trees
 from align.source import RewardModel
 from align.tasks import arithmetic
 from model.generate import Sampling, sample_padded
+from model.sharding import host_values
 from model.logprobs import target_logprobs
 from train.loop import global_batch
 from train.step import LossOutput, batch_sharding, train_step
@@ -146,7 +145,7 @@ def reward_model_scorer(reward_model: RewardModel, mesh):
     def score(rows):
         local = jax.tree.map(lambda x: x[_local_rows(len(x))], rows)
         values = normalized(reward_model.params, reward_model.normalization, global_batch(local, mesh))
-        return np.asarray(multihost_utils.process_allgather(values, tiled=True), np.float32)
+        return host_values(values).astype(np.float32)
 
     return score
 
@@ -281,17 +280,16 @@ def train_step_fn(cfg, model_config, tokenizer, problems, optimizer, mesh, shard
     rollout = rollout_fn(cfg, model_config, eos)
     update = update_fn(cfg, model_config, optimizer, mesh, shardings, N)
     G = cfg.rl.samples_per_prompt
-    gathered = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
     score_by_model = reward_model_scorer(reward_model, mesh) if reward_model else None
 
     def step(state, batch):
         jax.block_until_ready(state.step)  # the previous update, so the phases time themselves
         start = time.perf_counter()
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1)  # the update splits state.rng
-        tokens = gathered(rollout(state.params, state.frozen, batch, key))
+        tokens = host_values(rollout(state.params, state.frozen, batch, key))
         generated = time.perf_counter()
-        prompts, lengths = gathered(batch["prompt"]), gathered(batch["length"])
-        answers = np.repeat([problems[i].answer for i in gathered(batch["index"])], G)
+        prompts, lengths = host_values(batch["prompt"]), host_values(batch["length"])
+        answers = np.repeat([problems[i].answer for i in host_values(batch["index"])], G)
         mask, ended = response_mask(tokens, eos)
         prompts_RP, lengths_R = np.repeat(prompts, G, axis=0), np.repeat(lengths, G)
         rows = training_rows(prompts_RP, lengths_R, tokens, mask)

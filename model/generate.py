@@ -25,9 +25,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
 from model.config import ModelConfig
+from model.sharding import host_values
 from model.transformer import decode_step, init_cache, prefill, unrolled
 
 
@@ -182,11 +182,6 @@ def _bucketed(config, prompts, max_new_tokens):
     return padded, lengths, capacity
 
 
-def _host_values(x):
-    """The whole result as numpy on every process (params may be sharded over hosts)."""
-    return np.asarray(x) if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)
-
-
 def _until_eos(row: list, eos_id: int, max_new_tokens: int) -> int:
     """Length of a generated row: through its first EOS, at most `max_new_tokens`."""
     return row.index(eos_id) + 1 if eos_id in row[:max_new_tokens] else max_new_tokens
@@ -214,7 +209,7 @@ def generate(
         config, params, padded, lengths, budgets, jax.random.key(0) if rng is None else rng,
         sampling.as_arrays(), jnp.int32(stop_id), capacity=capacity,
     )
-    tokens, logprobs = _host_values(tokens)[: len(prompts)].tolist(), _host_values(logprobs).tolist()
+    tokens, logprobs = host_values(tokens)[: len(prompts)].tolist(), host_values(logprobs).tolist()
     ends = [_until_eos(row, stop_id, max_new_tokens) for row in tokens]
     return Generation([row[:end] for row, end in zip(tokens, ends)], [row[:end] for row, end in zip(logprobs, ends)])
 
@@ -321,7 +316,7 @@ def beam_search(
         config, params, padded, lengths, jnp.int32(max_new_tokens), jnp.int32(stop_id),
         jnp.float32(length_penalty), beams=beams, capacity=capacity,
     )
-    rows = _host_values(tokens)[: len(prompts)].tolist()
+    rows = host_values(tokens)[: len(prompts)].tolist()
     best = [row[: _until_eos(row, stop_id, max_new_tokens)] for row in rows]
-    return best, _host_values(scores)[: len(prompts)].tolist()
+    return best, host_values(scores)[: len(prompts)].tolist()
 

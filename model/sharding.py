@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -83,6 +84,13 @@ def mesh_shape(shape: dict[str, int] | Sequence[int], n_devices: int) -> dict[st
     if math.prod(shape) != n_devices:
         raise ValueError(f"mesh: {named} needs {math.prod(shape)} devices, but there are {n_devices}")
     return named
+
+
+def host_values(x: jax.Array) -> np.ndarray:
+    """The whole array as numpy on every process, also when other hosts hold some of its shards."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def make_mesh(
