@@ -38,8 +38,8 @@ from align import reward, rl, trees
 from align.source import RewardModel
 from align.tasks import arithmetic
 from model.generate import Sampling, sample_padded
-from model.sharding import host_values
 from model.logprobs import target_logprobs
+from model.sharding import host_values
 from train.loop import global_batch
 from train.step import LossOutput, batch_sharding, train_step
 

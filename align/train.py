@@ -69,10 +69,9 @@ def _per_example(fn, params, frozen, examples, kind, cfg, mesh, shardings) -> np
         for batch in align_data.eval_batches(
             examples, kind, seq_len=cfg.train.seq_len, **_shard_args(cfg.eval.batch_size)
         ):
-            values = compute(params, frozen, global_batch(batch, mesh))
-            values = multihost_utils.process_allgather(values, tiled=True)
-            valid = multihost_utils.process_allgather(batch["valid"], tiled=True)
-            rows.append(np.asarray(values)[np.asarray(valid) > 0])
+            values = sharding.host_values(compute(params, frozen, global_batch(batch, mesh)))
+            valid = multihost_utils.process_allgather(batch["valid"], tiled=True)  # host-local numpy
+            rows.append(values[np.asarray(valid) > 0])
     return np.concatenate(rows)
 
 
