@@ -35,8 +35,8 @@ _TORCH_COMPILE = flags.DEFINE_bool("torch_compile", False, "Also time nanoGPT un
 _LAYERS = flags.DEFINE_integer("n_layer", 6, "Layers.")
 _HEADS = flags.DEFINE_integer("n_head", 6, "Attention heads.")
 _WIDTH = flags.DEFINE_integer("n_embd", 384, "Model width.")
-_VOCAB = flags.DEFINE_integer("vocab_size", 65, "Vocabulary.")
-# --batch_size, --seq_len, --steps and --attention are train.benchmark's.
+# --batch_size, --seq_len, --steps, --attention, --scan_layers and --vocab_size are
+# train.benchmark's; a --vocab_size of 0 means nanoGPT's 65.
 FLAGS = flags.FLAGS
 
 _OPTIMIZER = dict(
@@ -45,11 +45,15 @@ _OPTIMIZER = dict(
 )
 
 
+def _vocab_size() -> int:
+    return FLAGS.vocab_size or 65
+
+
 def ours(batch_size: int, seq_len: int, steps: int) -> float:
     config = model.get_config(
         "gpt2-124m", dtype="float32", max_seq_len=max(seq_len, 1024), n_layers=_LAYERS.value,
         n_heads=_HEADS.value, n_kv_heads=_HEADS.value, d_model=_WIDTH.value, d_ff=4 * _WIDTH.value,
-        vocab_size=_VOCAB.value, attention=FLAGS.attention,
+        vocab_size=_vocab_size(), attention=FLAGS.attention, scan_layers=FLAGS.scan_layers,
     )
     mesh = sharding.make_mesh((-1, 1, 1), model_config=config)
     optimizer = make_optimizer(ml_collections.ConfigDict(_OPTIMIZER), total_steps=1000)
@@ -68,12 +72,12 @@ def nanogpt(directory: str, batch_size: int, seq_len: int, steps: int, compiled:
     nanogpt_model = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(nanogpt_model)
     gpt = nanogpt_model.GPT(nanogpt_model.GPTConfig(
-        block_size=max(seq_len, 1024), vocab_size=_VOCAB.value, n_layer=_LAYERS.value,
+        block_size=max(seq_len, 1024), vocab_size=_vocab_size(), n_layer=_LAYERS.value,
         n_head=_HEADS.value, n_embd=_WIDTH.value, dropout=0.0,
     ))
     optimizer = gpt.configure_optimizers(0.1, 3e-4, (0.9, 0.95), "cpu")
     step_model = torch.compile(gpt) if compiled else gpt
-    tokens = torch.randint(0, _VOCAB.value, (batch_size, seq_len + 1))
+    tokens = torch.randint(0, _vocab_size(), (batch_size, seq_len + 1))
     inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
     def step():
@@ -100,7 +104,7 @@ def main(argv):
     rows.append(("nanoGPT eager", nanogpt(_NANOGPT.value, B, T, steps, compiled=False)))
     if _TORCH_COMPILE.value:
         rows.append(("nanoGPT torch.compile", nanogpt(_NANOGPT.value, B, T, steps, compiled=True)))
-    shape = f"{_LAYERS.value} layers, {_HEADS.value} heads, width {_WIDTH.value}, vocabulary {_VOCAB.value}"
+    shape = f"{_LAYERS.value} layers, {_HEADS.value} heads, width {_WIDTH.value}, vocabulary {_vocab_size()}"
     print(f"GPT-2 family, {shape}; float32, AdamW; {B} x {T} tokens per step; {jax.devices()[0].device_kind}")
     for name, seconds in rows:
         speed = rows[1][1] / seconds

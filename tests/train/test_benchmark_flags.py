@@ -1,5 +1,7 @@
-"""The benchmark refuses settings it cannot run, with one line naming the flags, before timing."""
+"""The benchmark refuses settings it cannot run, with one line naming the flags, before timing;
+the scripts built on its flags load beside it."""
 
+import importlib
 import os
 import pathlib
 import subprocess
@@ -31,3 +33,9 @@ def test_impossible_benchmark_settings_are_refused(arguments, expected):
     assert result.returncode == 1
     assert expected in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and "step time" not in result.stdout
+
+
+@pytest.mark.parametrize("module", ["experiments.peers", "align.benchmark"])
+def test_scripts_sharing_the_benchmark_flags_define_each_flag_once(module):
+    importlib.import_module("train.benchmark")
+    importlib.import_module(module)  # absl raises DuplicateFlagError on a flag defined twice
