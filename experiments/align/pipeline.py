@@ -9,10 +9,14 @@
    preference pairs (a right answer chosen, a wrong one rejected) and KTO examples;
 4. DPO with and without the SFT term, DPO with LoRA, KTO, and a reward model on those pairs;
 5. PPO and GRPO from the SFT model, sampling training problems and scored by the checker; PPO
-   scored by the reward model of stage 4 instead (`ppo_rm`).
+   scored by the reward model of stage 4 instead (`ppo_rm`);
+6. the reward-versus-KL frontier: `ppo` and `ppo_rm` again at each of `--kl_coefs`, in
+   `WORKDIR/frontier/`.
 
 Each stage resumes or is skipped when its workdir holds a finished run. At the end it prints
-the table of held-out accuracies and writes `summary.json`, `accuracy.png` and `online.png`.
+the tables of held-out accuracies and of the frontier, and the SFT, PPO and GRPO models'
+greedy and sampled accuracy and pass@8 on the held-out problems, and writes `summary.json`,
+`accuracy.png`, `online.png` and `frontier.png`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import logging
 import pathlib
 
 import jax
+import numpy as np
 from absl import flags
 
 from align import source
@@ -43,9 +48,15 @@ _SFT_PROBLEMS = flags.DEFINE_integer("sft_problems", 10_000, "Training problems 
 _PAIR_PROBLEMS = flags.DEFINE_integer("pair_problems", 2_000, "Training problems sampled for pairs.")
 _SAMPLES = flags.DEFINE_integer("samples", 4, "Samples per problem for pairs.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature for pairs.")
+_KL_COEFS = flags.DEFINE_list(
+    "kl_coefs", ["0", "0.2", "1"], "KL coefficients at which ppo and ppo_rm are rerun for the frontier."
+)
 
 log = logging.getLogger("pipeline")
 _SAMPLE_BATCH = 512  # prompts per generation call
+_FRONTIER_VARIANTS = ("ppo", "ppo_rm")
+_LAST_STEPS = 10  # logged steps averaged for a frontier point
+_PASS_K = 8  # temperature-1 samples per held-out problem in `sampled_accuracy`
 
 
 def _finished(workdir: pathlib.Path, steps: int) -> bool:
@@ -105,15 +116,64 @@ def write_data(root: pathlib.Path, sft_workdir: pathlib.Path | None) -> None:
     log.info("preference pairs: %s", report)
 
 
-def run_stage(root: pathlib.Path, variant: str, init: pathlib.Path) -> dict:
+def run_stage(root: pathlib.Path, variant: str, init: pathlib.Path, kl_coef: float | None = None) -> dict:
     cfg = experiment.get_config(variant)
     cfg.init.from_workdir = str(init)
+    if kl_coef is not None:
+        cfg.rl.kl_coef = kl_coef
     for key in ("train_paths", "eval_paths"):
         cfg.data[key] = tuple(str(root / "data" / pathlib.Path(p).name) for p in cfg.data[key])
     if cfg.rl.reward_model:
         cfg.rl.reward_model = str(root / "reward")
-    result = align_train.run(cfg, root / variant)
+    result = align_train.run(cfg, frontier_workdir(root, variant, kl_coef) if kl_coef is not None else root / variant)
     return result.last_eval
+
+
+def sampled_accuracy(workdir: pathlib.Path, variant: str) -> dict[str, float]:
+    """On the held-out problems every stage is evaluated on: greedy accuracy, the fraction of
+    `_PASS_K` temperature-1 samples that are right, pass@k, and the fraction of problems that
+    greedy decoding gets wrong although one of the samples is right."""
+    task = experiment.get_config(variant).task
+    problems = arithmetic.generate(
+        task.problems, seed=task.seed, split="test", min_digits=task.min_digits, max_digits=task.max_digits
+    )
+    greedy = sample(workdir, problems, 1, 0.0, 0, task.max_new_tokens)
+    drawn = sample(workdir, problems, _PASS_K, 1.0, 0, task.max_new_tokens)
+    greedy_right = np.array([arithmetic.is_correct(p, s[0]) for p, s in zip(problems, greedy)])
+    sample_right = np.array([[arithmetic.is_correct(p, x) for x in s] for p, s in zip(problems, drawn)])
+    return {
+        "greedy": float(greedy_right.mean()),
+        "sampled": float(sample_right.mean()),
+        f"pass@{_PASS_K}": float(sample_right.any(1).mean()),
+        "greedy_wrong_a_sample_right": float((~greedy_right & sample_right.any(1)).mean()),
+    }
+
+
+def frontier_workdir(root: pathlib.Path, variant: str, kl_coef: float) -> pathlib.Path:
+    if kl_coef == experiment.get_config(variant).rl.kl_coef:
+        return root / variant
+    return root / "frontier" / f"{variant}_kl{kl_coef:g}"
+
+
+def frontier(root: pathlib.Path, kl_coefs: list[float]) -> dict[str, list[dict]]:
+    """One point per run of `ppo` and `ppo_rm` at each KL coefficient (their own one included):
+    the means over the last logged steps of the KL to the SFT model (nats per response), the
+    score of the samples and, scored by the reward model, the checker's reward of the same
+    samples; and the final greedy held-out accuracy."""
+    points = {}
+    for variant in _FRONTIER_VARIANTS:
+        coefs = sorted({*kl_coefs, experiment.get_config(variant).rl.kl_coef})
+        points[variant] = []
+        for coef in coefs:
+            rows = read_metrics(frontier_workdir(root, variant, coef) / "metrics.jsonl")
+            logged = [r for r in rows if "objective/kl" in r][-_LAST_STEPS:]
+            mean = lambda key: sum(r[key] for r in logged) / len(logged)
+            point = dict(kl_coef=coef, kl=mean("objective/kl"), scores=mean("objective/scores"))
+            if variant == "ppo_rm":
+                point["task_reward"] = mean("objective/task_reward")
+            point["eval_accuracy"] = [r["eval_accuracy"] for r in rows if "eval_accuracy" in r][-1]
+            points[variant].append(point)
+    return points
 
 
 def plot_summary(root: pathlib.Path, out_path: pathlib.Path) -> None:
@@ -181,6 +241,54 @@ def plot_online(root: pathlib.Path, out_path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+def plot_frontier(points: dict[str, list[dict]], sft_accuracy: float, out_path: pathlib.Path) -> None:
+    """Reward against KL to the SFT model, one point per KL coefficient: greedy held-out
+    accuracy and the checker's reward of the samples; scored by the reward model, also its
+    score of the same samples (the proxy that run maximizes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    series = [("eval_accuracy", "held-out accuracy (greedy)"), ("scores", "checker reward of the samples")]
+    panels = (
+        ("ppo", "PPO scored by the checker", series),
+        ("ppo_rm", "PPO scored by the reward model",
+         [series[0], ("task_reward", series[1][1]), ("scores", "reward model score of the samples")]),
+    )
+    for ax, (variant, title, lines) in zip(axes, panels):
+        run = sorted(points[variant], key=lambda p: p["kl"])
+        kl = [p["kl"] for p in run]
+        for key, label in lines:
+            ax.plot(kl, [p[key] for p in run], "o-", ms=4, label=label)
+        for p in run:
+            ax.annotate(f"{p['kl_coef']:g}", (p["kl"], p["eval_accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.axhline(sft_accuracy, color="gray", ls="--", lw=1, label="SFT held-out accuracy")
+        ax.set_xscale("log")
+        ax.set_xlabel("KL to the SFT model (nats per response); labels: KL coefficient")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+
+
+def frontier_table(points: dict[str, list[dict]]) -> str:
+    lines = [
+        "| run | KL coefficient | KL to SFT | sample score | checker reward of the samples | held-out accuracy |",
+        "|---|---|---|---|---|---|",
+    ]
+    for variant, rows in points.items():
+        for p in rows:
+            checker = p.get("task_reward", p["scores"])
+            lines.append(
+                f"| {variant} | {p['kl_coef']:g} | {p['kl']:.2f} | {p['scores']:.3f} | {checker:.3f} | {p['eval_accuracy']:.3f} |"
+            )
+    return "\n".join(lines)
+
+
 def table(summary: dict) -> str:
     """The results as a Markdown table: greedy accuracy and mean task reward on held-out
     problems; on held-out pairs, the implicit (DPO) or learned (reward model) pairwise accuracy."""
@@ -212,10 +320,19 @@ def main(argv):
     summary["pairs"] = json.loads((root / "data" / "pairs_report.json").read_text())
     for variant in experiment.VARIANTS[1:]:
         summary[variant] = run_stage(root, variant, root / "sft")
+    kl_coefs = [float(c) for c in _KL_COEFS.value]
+    for variant in _FRONTIER_VARIANTS:
+        for coef in kl_coefs:
+            run_stage(root, variant, root / "sft", kl_coef=coef)
+    summary["frontier"] = frontier(root, kl_coefs)
+    summary["sampling"] = {v: sampled_accuracy(root / v, v) for v in ("sft", "ppo", "grpo")}
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_summary(root, root / "accuracy.png")
     plot_online(root, root / "online.png")
+    plot_frontier(summary["frontier"], summary["sft"]["eval_accuracy"], root / "frontier.png")
     print(table(summary))
+    print(frontier_table(summary["frontier"]))
+    print(json.dumps(summary["sampling"], indent=2))
 
 
 if __name__ == "__main__":
