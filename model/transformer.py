@@ -74,8 +74,9 @@ class Norm(nn.Module):
 def project(x_BTI, w_IO):
     """Every token's [*I] vector times `w` [*I, *O]: [B, T, *I] -> [B, T, *O], as one 2-D
     matmul over the B*T tokens. The same product as an einsum, but XLA:CPU computes the 2-D
-    form's weight gradient 3x faster: 11 against 34 ms for 16 x 128 tokens and a 384 x 1,536
-    weight, where the einsum's gradient first transposes the output gradient."""
+    form's weight gradient 3x faster: 11 against 34 ms (jitted `jax.vjp`, float32, 16 x 128
+    tokens, a 384 x 1,536 weight), where the einsum's gradient first transposes the output
+    gradient."""
     B, T, *I = x_BTI.shape
     O = w_IO.shape[len(I) :]
     y = jnp.dot(x_BTI.reshape(B * T, math.prod(I)), w_IO.reshape(math.prod(I), math.prod(O)))
@@ -178,9 +179,10 @@ class Block(nn.Module):
 def _scan_unroll(config: ModelConfig) -> int:
     """Layers per iteration of the scanned stack. XLA:CPU runs the whole stack unrolled: in a
     rolled loop every activation the backward pass reads is written to a stacked buffer,
-    where unrolled it fuses the cheap ones into their consumers (gradient of 16 x 128 tokens
-    through 6 layers of width 384: 0.95 s against 1.23 s). Accelerators keep the loop, which
-    compiles one layer instead of all of them."""
+    where unrolled it fuses the cheap ones into their consumers: `jax.grad` of the summed
+    cross-entropy of 16 x 128 tokens through `experiments.peers`' model (6 layers of width 384,
+    float32) takes 0.92-0.97 s unrolled against 1.20-1.24 s rolled. Accelerators keep the
+    loop, which compiles one layer instead of all of them."""
     return config.n_layers if jax.default_backend() == "cpu" else 1
 
 
