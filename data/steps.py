@@ -75,11 +75,7 @@ def task_file(directory, rank: int, suffix: str) -> pathlib.Path:
 
 
 def write_report(directory, rank: int, report: dict) -> None:
-    path = task_file(directory, rank, ".json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(report, sort_keys=True))
-    os.replace(partial, path)
+    replace_from_this_process(task_file(directory, rank, ".json"), json.dumps(report, sort_keys=True).encode("utf-8"))
 
 
 def read_reports(directory) -> list[dict]:
@@ -145,8 +141,9 @@ def _rows(path: pathlib.Path) -> Iterator[dict]:
 
 
 def replace_from_this_process(path: pathlib.Path, data: bytes) -> None:
-    """Writes `path` whole, through a name of this host and process: the hosts that split the
-    tasks each write the same driver files (the same bytes) at about the same time."""
+    """Writes `path` whole, through a name of this host and process renamed onto it: a killed
+    task leaves no half-written file, and the hosts that split the tasks, which each write the
+    same driver files (the same bytes) at about the same time, do not write into one another's."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}.partial")
     partial.write_bytes(data)
@@ -357,8 +354,7 @@ class VerifiedClusters(PipelineStep):
         directory.mkdir(parents=True, exist_ok=True)
         for task, documents in removed.items():
             path = directory / f"{task:06d}.remove"  # datatrove's name for it
-            np.array(sorted(documents), "<u4").tofile(path.with_suffix(".partial"))
-            os.replace(path.with_suffix(".partial"), path)
+            replace_from_this_process(path, np.array(sorted(documents), "<u4").tobytes())
         write_report(self.reports, rank, {
             "candidate_pairs": len(pairs),
             "verified_pairs": verified,
@@ -441,9 +437,7 @@ class TrainTokenizer(PipelineStep):
         trained = tokenizer_lib.train(
             tokenizer_lib.training_pieces(texts), self.tokenizer_cfg, num_threads=os.cpu_count() or 1
         )
-        path = self.layout.tokenizer
-        trained.save(path.with_suffix(".partial"))
-        os.replace(path.with_suffix(".partial"), path)
+        replace_from_this_process(self.layout.tokenizer, trained.model_proto)
         write_report(self.layout.reports("tokenizer"), rank, {"trained_on_bytes": taken})
 
 
@@ -533,9 +527,7 @@ class WriteManifest(PipelineStep):
         }
         manifest["digest"] = manifest_digest(manifest)
         manifest["report"] = self._report(splits, tokenizer)
-        partial = self.layout.manifest.with_suffix(".partial")
-        partial.write_text(json.dumps(manifest, indent=1))
-        os.replace(partial, self.layout.manifest)
+        replace_from_this_process(self.layout.manifest, json.dumps(manifest, indent=1).encode("utf-8"))
 
     def _report(self, splits: dict, tokenizer) -> dict:
         done = counts(self.layout)
