@@ -15,8 +15,6 @@ from collections.abc import Iterable
 
 import numpy as np
 
-_SHARD_FILES = (".tokens", ".offsets.npy")
-
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
@@ -39,10 +37,13 @@ class ShardWriter:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._partial = self.directory / f"{name}.tokens.partial"
         self._tokens = open(self._partial, "wb")
+        self._tokens_sha256 = hashlib.sha256()  # as written, so the shard is not read back
         self._lengths = []
 
     def write(self, document: np.ndarray) -> None:
-        self._tokens.write(np.asarray(document, dtype=self.dtype).tobytes())
+        data = np.asarray(document, dtype=self.dtype).tobytes()
+        self._tokens.write(data)
+        self._tokens_sha256.update(data)
         self._lengths.append(len(document))
 
     def close(self) -> dict:
@@ -53,9 +54,8 @@ class ShardWriter:
         np.save(partial_offsets, offsets)
         os.replace(self._partial, self.directory / f"{self.name}.tokens")
         os.replace(partial_offsets, self.directory / f"{self.name}.offsets.npy")
-        digest = hashlib.sha256()
-        for suffix in _SHARD_FILES:
-            digest.update(_sha256(self.directory / f"{self.name}{suffix}").encode())
+        digest = hashlib.sha256(self._tokens_sha256.hexdigest().encode())
+        digest.update(_sha256(self.directory / f"{self.name}.offsets.npy").encode())
         return {
             "name": self.name,
             "documents": len(self._lengths),
