@@ -125,8 +125,8 @@ def run_stage(root: pathlib.Path, variant: str, init: pathlib.Path, kl_coef: flo
         cfg.data[key] = tuple(str(root / "data" / pathlib.Path(p).name) for p in cfg.data[key])
     if cfg.rl.reward_model:
         cfg.rl.reward_model = str(root / "reward")
-    result = align_train.run(cfg, frontier_workdir(root, variant, kl_coef) if kl_coef is not None else root / variant)
-    return result.last_eval
+    workdir = root / variant if kl_coef is None else frontier_workdir(root, variant, kl_coef)
+    return align_train.run(cfg, workdir).last_eval
 
 
 def sampled_accuracy(workdir: pathlib.Path, variant: str) -> dict[str, float]:
