@@ -34,7 +34,7 @@ IMPLEMENTATIONS = ("auto", "xla", "blockwise", "pallas_gpu", "splash_tpu")
 # On the CPU "auto" takes blockwise from this sequence length on, xla below it (they tie at
 # T=64). Measured on the 2-core CPU under background load: f = jax.jit(jax.value_and_grad(
 # lambda q, k, v: jnp.sum(attend(q, k, v, segment_ids, implementation=...) * w), (0, 1, 2)))
-# on random float32 [B, T, 12, 64] inputs, equal-length segments, block_size=128; one warm-up
+# on random float32 [B, T, 12, 64] inputs, equal-length segments, block_sizes=(128, 128); one warm-up
 # call, then 5-11 timed calls with xla and blockwise interleaved; median (min) seconds and
 # f.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes:
 #   B=32 T=64,   1 segment    xla 0.102 (0.062)   30 MiB   blockwise 0.094 (0.070)  30 MiB
@@ -43,6 +43,14 @@ IMPLEMENTATIONS = ("auto", "xla", "blockwise", "pallas_gpu", "splash_tpu")
 #   B=2  T=2048, 4 segments   xla 8.38  (7.33)  1548 MiB   blockwise 0.455 (0.386)  72 MiB
 #   B=2  T=2048, 1 segment                                 blockwise 1.19  (1.07)   72 MiB
 CPU_BLOCKWISE_MIN_LEN = 128
+
+# (query, key) tiles when `attend` is given none. Blockwise: fewer, larger matmuls pay on the
+# CPU. value_and_grad as above on [2, 2048, 6, 64], one segment, median of 5 calls after a
+# warm-up, milliseconds forward / forward+backward: (128, 128) 129 / 397, (256, 256) 104 / 322,
+# (256, 512) 88 / 279, (512, 512) 90 / 284, (128, 512) 112 / 320; with 4 segments (each tile
+# pair must hold a shared segment to be computed): (128, 128) 44 / 124, (256, 512) 44 / 126.
+# The kernels keep the tiles they were checked with.
+BLOCK_SIZES = {"blockwise": (256, 512), "pallas_gpu": (128, 128), "splash_tpu": (128, 128)}
 
 _MASKED = -1e30  # finite, so exp(_MASKED - m) is 0 or 1 and never NaN
 
@@ -64,14 +72,14 @@ def resolve(implementation: str, seq_len: int) -> str:
 
 
 def attend(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=None, *, implementation: str,
-           block_size: int = 128, interpret: bool | None = None):
+           block_sizes: tuple[int, int] | None = None, interpret: bool | None = None):
     """Causal, segment-masked attention: out [B, T, N, H] in q's dtype.
 
-    `block_size` is the query/key tile of blockwise and the kernels (each rounds it to what
-    it supports); `interpret` runs the Pallas kernels in the interpreter (by default, when
-    the backend is not the kernel's: the CPU tests). Under a mesh the Pallas kernels run per
-    shard (`shard_map` over the batch and head axes of the logical sharding rules), since
-    XLA cannot partition a kernel call itself."""
+    `block_sizes` are the (query, key) tiles of blockwise and the kernels (each rounds them
+    to what it supports; None: the implementation's own, BLOCK_SIZES); `interpret` runs the
+    Pallas kernels in the interpreter (by default, when the backend is not the kernel's: the
+    CPU tests). Under a mesh the Pallas kernels run per shard (`shard_map` over the batch and
+    head axes of the logical sharding rules), since XLA cannot partition a kernel call itself."""
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
     if N % K:
@@ -79,12 +87,13 @@ def attend(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=None, *, implementation: str,
     name = resolve(implementation, T)
     if name == "xla":
         return _xla(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
+    block_q, block_k = block_sizes or BLOCK_SIZES[name]
     if name == "blockwise":
-        return _blockwise(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block_size)
+        return _blockwise(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block_q, block_k)
     kernel, platform = {"pallas_gpu": (_pallas_gpu, "gpu"), "splash_tpu": (_splash_tpu, "tpu")}[name]
     if interpret is None:
         interpret = jax.default_backend() != platform
-    run = lambda q, k, v, seg: kernel(q, k, v, seg, block_size, interpret)
+    run = lambda q, k, v, seg: kernel(q, k, v, seg, block_q, block_k, interpret)
     return _per_shard(run, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
 
 
@@ -146,70 +155,82 @@ def _pad_time(Tp, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, pad_segment):
 # blockwise: flash attention in pure JAX
 
 
-def _blockwise(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block_size):
+def _blockwise(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block_q, block_k):
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
     G = N // K
-    bs = min(block_size, T)
-    q, k, v, seg = _pad_time(_round_up(T, bs), q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, None)
+    bq = min(block_q, T)
+    q, k, v, seg = _pad_time(_round_up(T, bq), q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, None)
     Tp = q.shape[1]
+    # The key tile: the largest multiple of bq up to block_k that divides the padded length,
+    # so both tilings cover it exactly.
+    nq = Tp // bq
+    bk = bq * max(d for d in range(1, max(block_k // bq, 1) + 1) if nq % d == 0)
     # Heads-major: per block and head, contiguous [block, H] tiles. Each kv head serves its
     # G query heads through the einsums; K/V are never repeated.
     q_BKGTH = q.reshape(B, Tp, K, G, H).transpose(0, 2, 3, 1, 4)
     k_BKTH, v_BKTH = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     if seg is not None:
         seg = seg.astype(jnp.int32)
-    out_BKGTH = _flash(q_BKGTH, k_BKTH, v_BKTH, seg, bs)
+    out_BKGTH = _flash(q_BKGTH, k_BKTH, v_BKTH, seg, bq, bk)
     return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, Tp, N, H)[:, :T]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q_BKGTH, k_BKTH, v_BKTH, seg_BT, bs):
-    return _flash_forward(q_BKGTH, k_BKTH, v_BKTH, seg_BT, bs)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _flash(q_BKGTH, k_BKTH, v_BKTH, seg_BT, bq, bk):
+    return _flash_forward(q_BKGTH, k_BKTH, v_BKTH, seg_BT, bq, bk)[0]
 
 
-def _flash_fwd(q_BKGTH, k_BKTH, v_BKTH, seg_BT, bs):
-    out_BKGTH, lse_BKGT = _flash_forward(q_BKGTH, k_BKTH, v_BKTH, seg_BT, bs)
+def _flash_fwd(q_BKGTH, k_BKTH, v_BKTH, seg_BT, bq, bk):
+    out_BKGTH, lse_BKGT = _flash_forward(q_BKGTH, k_BKTH, v_BKTH, seg_BT, bq, bk)
     return out_BKGTH, (q_BKGTH, k_BKTH, v_BKTH, seg_BT, out_BKGTH, lse_BKGT)
 
 
-def _flash_bwd(bs, residuals, dout_BKGTH):
-    return (*_flash_backward(*residuals, dout_BKGTH, bs), None)
+def _flash_bwd(bq, bk, residuals, dout_BKGTH):
+    return (*_flash_backward(*residuals, dout_BKGTH, bq, bk), None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 class _Blocks:
-    """Block bookkeeping shared by the forward and backward passes. Blocks span the whole
-    batch (the batch axis stays an ordinary, shardable axis); a block pair is skipped when
-    no row has a segment id in both blocks, judged by each block's id range per row."""
+    """Block bookkeeping shared by the forward and backward passes: query tiles of bq rows,
+    key tiles of bk (a multiple of bq). Blocks span the whole batch (the batch axis stays an
+    ordinary, shardable axis); a block pair is skipped when no row has a segment id in both
+    blocks, judged by each block's id range per row."""
 
-    def __init__(self, seg_BT, T, bs):
-        self.bs, self.n = bs, T // bs
+    def __init__(self, seg_BT, T, bq, bk):
+        self.bq, self.bk = bq, bk
+        self.n_q, self.n_k = T // bq, T // bk
         self.seg_BT = seg_BT
-        self.pos = jnp.arange(bs)
         if seg_BT is not None:
-            seg_Bnb = seg_BT.reshape(seg_BT.shape[0], self.n, bs)
-            lo_Bn, hi_Bn = seg_Bnb.min(axis=2), seg_Bnb.max(axis=2)
-            overlap_Bnn = (jnp.maximum(lo_Bn[:, :, None], lo_Bn[:, None, :])
-                           <= jnp.minimum(hi_Bn[:, :, None], hi_Bn[:, None, :]))
-            self.overlap_nn = overlap_Bnn.any(axis=0)
+            B = seg_BT.shape[0]
+            seg_Bnq, seg_Bnk = seg_BT.reshape(B, self.n_q, bq), seg_BT.reshape(B, self.n_k, bk)
+            lo_q, hi_q = seg_Bnq.min(axis=2)[:, :, None], seg_Bnq.max(axis=2)[:, :, None]
+            lo_k, hi_k = seg_Bnk.min(axis=2)[:, None, :], seg_Bnk.max(axis=2)[:, None, :]
+            self.overlap_qk = (jnp.maximum(lo_q, lo_k) <= jnp.minimum(hi_q, hi_k)).any(axis=0)
+
+    def key_blocks_seen_by(self, i):
+        """Key blocks 0 .. this - 1 hold the keys query block i can see (causality)."""
+        return ((i + 1) * self.bq - 1) // self.bk + 1
+
+    def first_query_block_seeing(self, j):
+        return j * self.bk // self.bq
 
     def mask(self, i, j):
-        """[B or 1, bs, bs] visibility of block j's keys to block i's queries."""
-        visible = (i * self.bs + self.pos)[:, None] >= (j * self.bs + self.pos)[None, :]
+        """[B or 1, bq, bk] visibility of key block j's keys to query block i's queries."""
+        visible = (i * self.bq + jnp.arange(self.bq))[:, None] >= (j * self.bk + jnp.arange(self.bk))[None, :]
         if self.seg_BT is None:
             return visible[None]
-        seg_q = lax.dynamic_slice_in_dim(self.seg_BT, i * self.bs, self.bs, axis=1)
-        seg_k = lax.dynamic_slice_in_dim(self.seg_BT, j * self.bs, self.bs, axis=1)
+        seg_q = lax.dynamic_slice_in_dim(self.seg_BT, i * self.bq, self.bq, axis=1)
+        seg_k = lax.dynamic_slice_in_dim(self.seg_BT, j * self.bk, self.bk, axis=1)
         return visible[None] & (seg_q[:, :, None] == seg_k[:, None, :])
 
     def skip_if_disjoint(self, i, j, compute, carry):
-        """compute(carry), unless blocks i and j share no segment in any row."""
+        """compute(carry), unless query block i and key block j share no segment in any row."""
         if self.seg_BT is None:
             return compute(carry)
-        return lax.cond(self.overlap_nn[i, j], compute, lambda c: c, carry)
+        return lax.cond(self.overlap_qk[i, j], compute, lambda c: c, carry)
 
 
 def _scores(q_BKGqH, k_BKsH, mask_Bqs, scale):
@@ -217,24 +238,24 @@ def _scores(q_BKGqH, k_BKsH, mask_Bqs, scale):
     return jnp.where(mask_Bqs[:, None, None], s * scale, _MASKED)
 
 
-def _flash_forward(q_BKGTH, k_BKTH, v_BKTH, seg_BT, bs):
+def _flash_forward(q_BKGTH, k_BKTH, v_BKTH, seg_BT, bq, bk):
     B, K, G, T, H = q_BKGTH.shape
     scale = 1.0 / math.sqrt(H)
-    blocks = _Blocks(seg_BT, T, bs)
+    blocks = _Blocks(seg_BT, T, bq, bk)
 
     def query_block(_, i):
-        q_i = lax.dynamic_slice_in_dim(q_BKGTH, i * bs, bs, axis=3)
+        q_i = lax.dynamic_slice_in_dim(q_BKGTH, i * bq, bq, axis=3)
 
         def visit(j, carry):
             def compute(carry):
                 o, m, l = carry
-                k_j = lax.dynamic_slice_in_dim(k_BKTH, j * bs, bs, axis=2)
-                v_j = lax.dynamic_slice_in_dim(v_BKTH, j * bs, bs, axis=2)
+                k_j = lax.dynamic_slice_in_dim(k_BKTH, j * bk, bk, axis=2)
+                v_j = lax.dynamic_slice_in_dim(v_BKTH, j * bk, bk, axis=2)
                 s = _scores(q_i, k_j, blocks.mask(i, j), scale)
                 m_new = jnp.maximum(m, s.max(axis=-1))
                 # A row that has seen no visible key yet has m_new = _MASKED and p = 1 on
-                # masked keys; its own diagonal key comes last (j = i) and the correction
-                # exp(_MASKED - m) = 0 then wipes those terms.
+                # masked keys; the block holding its own diagonal key comes last and the
+                # correction exp(_MASKED - m) = 0 then wipes those terms.
                 p = jnp.exp(s - m_new[..., None])
                 correction = jnp.exp(m - m_new)
                 pv = jnp.einsum("BKGqs,BKsH->BKGqH", p.astype(v_j.dtype), v_j,
@@ -244,57 +265,59 @@ def _flash_forward(q_BKGTH, k_BKTH, v_BKTH, seg_BT, bs):
             return blocks.skip_if_disjoint(i, j, compute, carry)
 
         init = (
-            jnp.zeros((B, K, G, bs, H), jnp.float32),
-            jnp.full((B, K, G, bs), _MASKED, jnp.float32),
-            jnp.zeros((B, K, G, bs), jnp.float32),
+            jnp.zeros((B, K, G, bq, H), jnp.float32),
+            jnp.full((B, K, G, bq), _MASKED, jnp.float32),
+            jnp.zeros((B, K, G, bq), jnp.float32),
         )
-        # Key blocks 0..i only: those above the diagonal are never visited.
-        o, m, l = lax.fori_loop(0, i + 1, visit, init)
+        # Key blocks wholly above the diagonal are never visited.
+        o, m, l = lax.fori_loop(0, blocks.key_blocks_seen_by(i), visit, init)
         return None, ((o / l[..., None]).astype(q_BKGTH.dtype), m + jnp.log(l))
 
-    _, (o_nBKGqH, lse_nBKGq) = lax.scan(query_block, None, jnp.arange(blocks.n))
+    _, (o_nBKGqH, lse_nBKGq) = lax.scan(query_block, None, jnp.arange(blocks.n_q))
     out_BKGTH = jnp.moveaxis(o_nBKGqH, 0, 3).reshape(B, K, G, T, H)
     lse_BKGT = jnp.moveaxis(lse_nBKGq, 0, 3).reshape(B, K, G, T)
     return out_BKGTH, lse_BKGT
 
 
-def _flash_backward(q_BKGTH, k_BKTH, v_BKTH, seg_BT, out_BKGTH, lse_BKGT, dout_BKGTH, bs):
+def _flash_backward(q_BKGTH, k_BKTH, v_BKTH, seg_BT, out_BKGTH, lse_BKGT, dout_BKGTH, bq, bk):
     B, K, G, T, H = q_BKGTH.shape
     scale = 1.0 / math.sqrt(H)
-    blocks = _Blocks(seg_BT, T, bs)
+    blocks = _Blocks(seg_BT, T, bq, bk)
     f32 = jnp.float32
     delta_BKGT = jnp.sum(dout_BKGTH.astype(f32) * out_BKGTH.astype(f32), axis=-1)
 
     def key_block(dq_BKGTH, j):
-        k_j = lax.dynamic_slice_in_dim(k_BKTH, j * bs, bs, axis=2)
-        v_j = lax.dynamic_slice_in_dim(v_BKTH, j * bs, bs, axis=2)
+        k_j = lax.dynamic_slice_in_dim(k_BKTH, j * bk, bk, axis=2)
+        v_j = lax.dynamic_slice_in_dim(v_BKTH, j * bk, bk, axis=2)
 
         def visit(i, carry):
             def compute(carry):
                 dq, dk, dv = carry
-                q_i = lax.dynamic_slice_in_dim(q_BKGTH, i * bs, bs, axis=3)
-                do_i = lax.dynamic_slice_in_dim(dout_BKGTH, i * bs, bs, axis=3)
-                lse_i = lax.dynamic_slice_in_dim(lse_BKGT, i * bs, bs, axis=3)
-                delta_i = lax.dynamic_slice_in_dim(delta_BKGT, i * bs, bs, axis=3)
+                q_i = lax.dynamic_slice_in_dim(q_BKGTH, i * bq, bq, axis=3)
+                do_i = lax.dynamic_slice_in_dim(dout_BKGTH, i * bq, bq, axis=3)
+                lse_i = lax.dynamic_slice_in_dim(lse_BKGT, i * bq, bq, axis=3)
+                delta_i = lax.dynamic_slice_in_dim(delta_BKGT, i * bq, bq, axis=3)
                 p = jnp.exp(_scores(q_i, k_j, blocks.mask(i, j), scale) - lse_i[..., None])
                 dv += jnp.einsum("BKGqs,BKGqH->BKsH", p.astype(do_i.dtype), do_i,
                                  preferred_element_type=f32)
                 dp = jnp.einsum("BKGqH,BKsH->BKGqs", do_i, v_j, preferred_element_type=f32)
                 ds = (p * (dp - delta_i[..., None]) * scale).astype(q_i.dtype)
                 dk += jnp.einsum("BKGqs,BKGqH->BKsH", ds, q_i, preferred_element_type=f32)
-                dq_i = lax.dynamic_slice_in_dim(dq, i * bs, bs, axis=3)
+                dq_i = lax.dynamic_slice_in_dim(dq, i * bq, bq, axis=3)
                 dq_i += jnp.einsum("BKGqs,BKsH->BKGqH", ds, k_j, preferred_element_type=f32)
-                return lax.dynamic_update_slice_in_dim(dq, dq_i, i * bs, axis=3), dk, dv
+                return lax.dynamic_update_slice_in_dim(dq, dq_i, i * bq, axis=3), dk, dv
 
             return blocks.skip_if_disjoint(i, j, compute, carry)
 
-        zeros = jnp.zeros((B, K, bs, H), f32)
-        # Query blocks j..n-1 only: those that see key block j.
-        dq_BKGTH, dk, dv = lax.fori_loop(j, blocks.n, visit, (dq_BKGTH, zeros, zeros))
+        zeros = jnp.zeros((B, K, bk, H), f32)
+        # Query blocks wholly above the diagonal never see key block j.
+        dq_BKGTH, dk, dv = lax.fori_loop(
+            blocks.first_query_block_seeing(j), blocks.n_q, visit, (dq_BKGTH, zeros, zeros)
+        )
         return dq_BKGTH, (dk, dv)
 
     dq_BKGTH, (dk_nBKsH, dv_nBKsH) = lax.scan(
-        key_block, jnp.zeros((B, K, G, T, H), f32), jnp.arange(blocks.n)
+        key_block, jnp.zeros((B, K, G, T, H), f32), jnp.arange(blocks.n_k)
     )
     to_BKTH = lambda x: jnp.moveaxis(x, 0, 2).reshape(B, K, T, H)
     return (dq_BKGTH.astype(q_BKGTH.dtype), to_BKTH(dk_nBKsH).astype(k_BKTH.dtype),
@@ -305,19 +328,20 @@ def _flash_backward(q_BKGTH, k_BKTH, v_BKTH, seg_BT, out_BKGTH, lse_BKGT, dout_B
 # Pallas kernels
 
 
-def _pallas_gpu(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block_size, interpret):
+def _pallas_gpu(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block_q, block_k, interpret):
     from jax.experimental.pallas.ops.gpu import attention as gpu_attention
 
     B, T, N, H = q_BTNH.shape
     G = N // k_BTKH.shape[2]
     # Triton tiles are powers of two; the kernel needs T a multiple of each tile.
-    block = max(16, min(pow(2, (block_size - 1).bit_length()), pow(2, (T - 1).bit_length())))
-    q, k, v, seg = _pad_time(_round_up(T, block), q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, -1)
+    tile = lambda size: max(16, min(pow(2, (size - 1).bit_length()), pow(2, (T - 1).bit_length())))
+    bq, bk = tile(block_q), tile(block_k)
+    q, k, v, seg = _pad_time(_round_up(T, max(bq, bk)), q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, -1)
     if G > 1:  # the kernel wants as many kv heads as query heads
         k, v = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)
-    backward = min(block, 32)  # the library's default backward tiles
+    backward = min(bq, bk, 32)  # the library's default backward tiles
     sizes = gpu_attention.BlockSizes(
-        block_q=block, block_k=block, block_q_dkv=backward, block_kv_dkv=backward,
+        block_q=bq, block_k=bk, block_q_dkv=backward, block_kv_dkv=backward,
         block_q_dq=backward, block_kv_dq=backward,
     )
     out = gpu_attention.mha(
@@ -327,18 +351,18 @@ def _pallas_gpu(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block_size, interpret):
     return out[:, :T].astype(q_BTNH.dtype)
 
 
-def _splash_tpu(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block_size, interpret):
+def _splash_tpu(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block_q, block_k, interpret):
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
     B, T, N, H = q_BTNH.shape
     # Splash tiles are multiples of 128 lanes and must divide T.
-    block = min(_round_up(block_size, 128), _round_up(T, 128))
-    q, k, v, seg = _pad_time(_round_up(T, block), q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, -1)
+    bq, bk = (min(_round_up(size, 128), _round_up(T, 128)) for size in (block_q, block_k))
+    q, k, v, seg = _pad_time(_round_up(T, math.lcm(bq, bk)), q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, -1)
     Tp = q.shape[1]
     mask = splash.MultiHeadMask([splash.CausalMask((Tp, Tp))] * N)
     sizes = splash.BlockSizes(
-        block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block,
+        block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq,
+        block_kv_dkv=bk, block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk,
     )
     kernel = splash.make_splash_mha(
         mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret

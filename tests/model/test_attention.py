@@ -15,10 +15,13 @@ SEGMENTS = np.array([
     [1] * 40 + [2] * 90 + [3] * 41 + [0] * 29,
 ])
 HEADS = {"mha": 4, "gqa": 2, "mqa": 1}
+# Name -> (implementation, arguments). Blockwise's (56, 112) pads T to 224 and takes key tiles
+# twice the query tiles.
 KERNELS = {
-    "blockwise": dict(block_size=64),
-    "pallas_gpu": dict(block_size=64, interpret=True),
-    "splash_tpu": dict(interpret=True),
+    "blockwise": ("blockwise", dict(block_sizes=(64, 64))),
+    "blockwise-56x112": ("blockwise", dict(block_sizes=(56, 112))),
+    "pallas_gpu": ("pallas_gpu", dict(block_sizes=(64, 64), interpret=True)),
+    "splash_tpu": ("splash_tpu", dict(interpret=True)),
 }
 
 
@@ -50,7 +53,8 @@ def test_equals_xla_reference(kernel, heads, packed):
     q, k, v, weights = _inputs(HEADS[heads])
     segment_ids = jnp.asarray(SEGMENTS, jnp.int32) if packed else None
     want_out, want_grads = _value_and_grads("xla", q, k, v, segment_ids, weights)
-    out, grads = _value_and_grads(kernel, q, k, v, segment_ids, weights, **KERNELS[kernel])
+    implementation, kwargs = KERNELS[kernel]
+    out, grads = _value_and_grads(implementation, q, k, v, segment_ids, weights, **kwargs)
     np.testing.assert_allclose(out, want_out, atol=1e-5, rtol=0)
     for name, got, want in zip("qkv", grads, want_grads):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=f"d{name}")
@@ -62,7 +66,7 @@ def test_segments_are_isolated():
     segment_ids = jnp.asarray(SEGMENTS, jnp.int32)
     in_doc2 = (segment_ids == 2)[:, :, None, None]
     k2, v2 = jnp.where(in_doc2, k + 1.0, k), jnp.where(in_doc2, v - 1.0, v)
-    run = lambda k, v: attention.attend(q, k, v, segment_ids, implementation="blockwise", block_size=64)
+    run = lambda k, v: attention.attend(q, k, v, segment_ids, implementation="blockwise", block_sizes=(64, 64))
     others = np.asarray((segment_ids != 2) & (segment_ids > 0))
     np.testing.assert_array_equal(np.asarray(run(k, v))[others], np.asarray(run(k2, v2))[others])
 
