@@ -155,17 +155,23 @@ def _pad_time(Tp, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, pad_segment):
 # blockwise: flash attention in pure JAX
 
 
+def blockwise_tiles(T: int, block_q: int, block_k: int) -> tuple[int, int, int]:
+    """(query tile, key tile, padded length) blockwise uses for length T: the query tile is
+    block_q (at most T), the length is padded to a multiple of it, and the key tile is the
+    largest multiple of the query tile up to block_k that divides the padded length, so both
+    tilings cover it exactly."""
+    bq = min(block_q, T)
+    Tp = _round_up(T, bq)
+    bk = bq * max(d for d in range(1, max(block_k // bq, 1) + 1) if (Tp // bq) % d == 0)
+    return bq, bk, Tp
+
+
 def _blockwise(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block_q, block_k):
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
     G = N // K
-    bq = min(block_q, T)
-    q, k, v, seg = _pad_time(_round_up(T, bq), q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, None)
-    Tp = q.shape[1]
-    # The key tile: the largest multiple of bq up to block_k that divides the padded length,
-    # so both tilings cover it exactly.
-    nq = Tp // bq
-    bk = bq * max(d for d in range(1, max(block_k // bq, 1) + 1) if nq % d == 0)
+    bq, bk, Tp = blockwise_tiles(T, block_q, block_k)
+    q, k, v, seg = _pad_time(Tp, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, None)
     # Heads-major: per block and head, contiguous [block, H] tiles. Each kv head serves its
     # G query heads through the einsums; K/V are never repeated.
     q_BKGTH = q.reshape(B, Tp, K, G, H).transpose(0, 2, 3, 1, 4)

@@ -60,6 +60,17 @@ def test_equals_xla_reference(kernel, heads, packed):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=f"d{name}")
 
 
+@pytest.mark.parametrize("T, blocks, want", [
+    (2048, (256, 512), (256, 512, 2048)),
+    (200, (56, 112), (56, 112, 224)),  # the test above: padded, key tiles of two query tiles
+    (600, (256, 512), (256, 256, 768)),  # 3 query tiles: 512 would not divide the length
+    (128, (256, 512), (128, 128, 128)),  # one tile
+    (300, (64, 32), (64, 64, 320)),  # key tiles are never smaller than query tiles
+])
+def test_blockwise_tiles(T, blocks, want):
+    assert attention.blockwise_tiles(T, *blocks) == want
+
+
 def test_segments_are_isolated():
     """Changing one document's keys and values leaves the other documents' outputs alone."""
     q, k, v, _ = _inputs(2)
