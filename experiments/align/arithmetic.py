@@ -30,8 +30,9 @@ def get_config(variant: str = "sft"):
         c.method = "sft"
         c.init.from_workdir = f"{ROOT}/pretrained"
         c.data.update(train_paths=(f"{ROOT}/data/sft_train.jsonl",), eval_paths=(f"{ROOT}/data/sft_eval.jsonl",))
-        # Stopped while held-out accuracy still climbs (6% at step 200, 24% at 700, 76% at
-        # 1,200), which leaves room for the later stages to show an effect.
+        # Stopped while held-out accuracy still climbs (5% at step 200, 19% at 700, 64% at
+        # 1,200 in the README's run), which leaves room for the later stages to show an effect;
+        # stopping on the steep part also makes the result vary between draws (README).
         c.train.steps = 1200
         c.optimizer.update(lr=1e-3, warmup_steps=50, schedule="cosine", min_lr_ratio=0.1)
         c.eval.every_steps = 100
@@ -43,7 +44,8 @@ def get_config(variant: str = "sft"):
         c.train.update(steps=120, batch_size=32)  # prompts per step; x samples_per_prompt rows
         # One on-policy update per rollout at lr 1e-5: at lr 3e-5 with 2 epochs of 2 minibatches
         # of 16 prompts, a reward that ignores correctness took GRPO from 76% held-out accuracy
-        # to 25% in 25 steps, and the checker's reward only slowed that fall (51% at step 50).
+        # (an earlier draw's SFT model) to 25% in 25 steps, and the checker's reward only
+        # slowed that fall (51% at step 50).
         c.rl.update(train_problems=5000, samples_per_prompt=8, temperature=1.0, epochs=1, minibatches=1)
         c.eval.every_steps = 40
         c.checkpoint.every_steps = 40
