@@ -31,24 +31,25 @@ from model.sharding import logical_to_spec
 
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "pallas_gpu", "splash_tpu")
 
-# On the CPU "auto" takes blockwise from this sequence length on, xla below it (they tie at
-# T=64). Measured on the 2-core CPU under background load: f = jax.jit(jax.value_and_grad(
-# lambda q, k, v: jnp.sum(attend(q, k, v, segment_ids, implementation=...) * w), (0, 1, 2)))
-# on random float32 [B, T, 12, 64] inputs, equal-length segments, block_sizes=(128, 128); one warm-up
-# call, then 5-11 timed calls with xla and blockwise interleaved; median (min) seconds and
-# f.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes:
-#   B=32 T=64,   1 segment    xla 0.102 (0.062)   30 MiB   blockwise 0.094 (0.070)  30 MiB
-#   B=16 T=128,  1 segment    xla 0.154 (0.139)   54 MiB   blockwise 0.128 (0.082)  42 MiB
-#   B=16 T=128,  4 segments   xla 0.153 (0.122)   54 MiB   blockwise 0.125 (0.092)  42 MiB
-#   B=2  T=2048, 4 segments   xla 8.38  (7.33)  1548 MiB   blockwise 0.455 (0.386)  72 MiB
-#   B=2  T=2048, 1 segment                                 blockwise 1.19  (1.07)   72 MiB
+# On the CPU "auto" takes blockwise from this sequence length on, xla below it: they tie in
+# time at T=64 and T=128, and blockwise holds less. Measured on the 2-core CPU: f = jax.jit(
+# jax.value_and_grad(lambda q, k, v: jnp.sum(attend(q, k, v, segment_ids, implementation=...)
+# * w), (0, 1, 2))) on random float32 [B, T, 12, 64] inputs, equal-length segments,
+# block_sizes=(128, 128); one warm-up call, then 5-11 timed calls with xla and blockwise
+# interleaved; median (min) seconds and f.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes:
+#   B=32 T=64,   1 segment    xla 0.029 (0.024)   30 MiB   blockwise 0.028 (0.023)  24 MiB
+#   B=16 T=128,  1 segment    xla 0.059 (0.056)   54 MiB   blockwise 0.060 (0.054)  36 MiB
+#   B=16 T=128,  4 segments   xla 0.067 (0.060)   54 MiB   blockwise 0.062 (0.052)  36 MiB
+#   B=2  T=2048, 4 segments   xla 2.65  (2.49)  1548 MiB   blockwise 0.269 (0.260)  84 MiB
+#   B=2  T=2048, 1 segment                                 blockwise 0.564 (0.560)  84 MiB
 CPU_BLOCKWISE_MIN_LEN = 128
 
 # (query, key) tiles when `attend` is given none. Blockwise: fewer, larger matmuls pay on the
 # CPU. value_and_grad as above on [2, 2048, 6, 64], one segment, median of 5 calls after a
-# warm-up, milliseconds forward / forward+backward: (128, 128) 129 / 397, (256, 256) 104 / 322,
-# (256, 512) 88 / 279, (512, 512) 90 / 284, (128, 512) 112 / 320; with 4 segments (each tile
-# pair must hold a shared segment to be computed): (128, 128) 44 / 124, (256, 512) 44 / 126.
+# warm-up, milliseconds forward / forward+backward: (128, 128) 122 / 328, (256, 256) 100 / 278,
+# (256, 512) 82 / 209, (512, 512) 80 / 215, (128, 512) 99 / 253; with 4 segments (each tile
+# pair must hold a shared segment to be computed): (128, 128) 38 / 113, (256, 512) 47 / 106,
+# (512, 512) 44 / 108.
 # The kernels keep the tiles they were checked with.
 BLOCK_SIZES = {"blockwise": (256, 512), "pallas_gpu": (128, 128), "splash_tpu": (128, 128)}
 
@@ -291,43 +292,51 @@ def _flash_backward(q_BKGTH, k_BKTH, v_BKTH, seg_BT, out_BKGTH, lse_BKGT, dout_B
     blocks = _Blocks(seg_BT, T, bq, bk)
     f32 = jnp.float32
     delta_BKGT = jnp.sum(dout_BKGTH.astype(f32) * out_BKGTH.astype(f32), axis=-1)
+    # Tiles are held transposed, [keys, queries], and dq is accumulated as [H, queries]: then
+    # every product reads its large operand in the layout the CPU's matmul takes as is. With
+    # [queries, keys] tiles XLA copied p and ds transposed for dk and dv on every tile pair
+    # (value_and_grad on [2, 2048, 6, 64], one segment: 211 ms so, 254 ms with [queries, keys]).
+    kT_BKHT = k_BKTH.transpose(0, 1, 3, 2)
 
-    def key_block(dq_BKGTH, j):
+    def key_block(dqT_BKHGT, j):
         k_j = lax.dynamic_slice_in_dim(k_BKTH, j * bk, bk, axis=2)
+        kT_j = lax.dynamic_slice_in_dim(kT_BKHT, j * bk, bk, axis=3)
         v_j = lax.dynamic_slice_in_dim(v_BKTH, j * bk, bk, axis=2)
 
         def visit(i, carry):
             def compute(carry):
-                dq, dk, dv = carry
+                dqT, dk, dv = carry
                 q_i = lax.dynamic_slice_in_dim(q_BKGTH, i * bq, bq, axis=3)
                 do_i = lax.dynamic_slice_in_dim(dout_BKGTH, i * bq, bq, axis=3)
-                lse_i = lax.dynamic_slice_in_dim(lse_BKGT, i * bq, bq, axis=3)
-                delta_i = lax.dynamic_slice_in_dim(delta_BKGT, i * bq, bq, axis=3)
-                p = jnp.exp(_scores(q_i, k_j, blocks.mask(i, j), scale) - lse_i[..., None])
-                dv += jnp.einsum("BKGqs,BKGqH->BKsH", p.astype(do_i.dtype), do_i,
+                lse_i = lax.dynamic_slice_in_dim(lse_BKGT, i * bq, bq, axis=3)[:, :, None]
+                delta_i = lax.dynamic_slice_in_dim(delta_BKGT, i * bq, bq, axis=3)[:, :, None]
+                mask_Bsq = jnp.swapaxes(blocks.mask(i, j), 1, 2)
+                s = jnp.einsum("BKsH,BKGqH->BKsGq", k_j, q_i, preferred_element_type=f32)
+                p = jnp.exp(jnp.where(mask_Bsq[:, None, :, None], s * scale, _MASKED) - lse_i)
+                dv += jnp.einsum("BKsGq,BKGqH->BKsH", p.astype(do_i.dtype), do_i,
                                  preferred_element_type=f32)
-                dp = jnp.einsum("BKGqH,BKsH->BKGqs", do_i, v_j, preferred_element_type=f32)
-                ds = (p * (dp - delta_i[..., None]) * scale).astype(q_i.dtype)
-                dk += jnp.einsum("BKGqs,BKGqH->BKsH", ds, q_i, preferred_element_type=f32)
-                dq_i = lax.dynamic_slice_in_dim(dq, i * bq, bq, axis=3)
-                dq_i += jnp.einsum("BKGqs,BKsH->BKGqH", ds, k_j, preferred_element_type=f32)
-                return lax.dynamic_update_slice_in_dim(dq, dq_i, i * bq, axis=3), dk, dv
+                dp = jnp.einsum("BKsH,BKGqH->BKsGq", v_j, do_i, preferred_element_type=f32)
+                ds = (p * (dp - delta_i) * scale).astype(q_i.dtype)
+                dk += jnp.einsum("BKsGq,BKGqH->BKsH", ds, q_i, preferred_element_type=f32)
+                dqT_i = lax.dynamic_slice_in_dim(dqT, i * bq, bq, axis=4)
+                dqT_i += jnp.einsum("BKHs,BKsGq->BKHGq", kT_j, ds, preferred_element_type=f32)
+                return lax.dynamic_update_slice_in_dim(dqT, dqT_i, i * bq, axis=4), dk, dv
 
             return blocks.skip_if_disjoint(i, j, compute, carry)
 
         zeros = jnp.zeros((B, K, bk, H), f32)
         # Query blocks wholly above the diagonal never see key block j.
-        dq_BKGTH, dk, dv = lax.fori_loop(
-            blocks.first_query_block_seeing(j), blocks.n_q, visit, (dq_BKGTH, zeros, zeros)
+        dqT_BKHGT, dk, dv = lax.fori_loop(
+            blocks.first_query_block_seeing(j), blocks.n_q, visit, (dqT_BKHGT, zeros, zeros)
         )
-        return dq_BKGTH, (dk, dv)
+        return dqT_BKHGT, (dk, dv)
 
-    dq_BKGTH, (dk_nBKsH, dv_nBKsH) = lax.scan(
-        key_block, jnp.zeros((B, K, G, T, H), f32), jnp.arange(blocks.n_k)
+    dqT_BKHGT, (dk_nBKsH, dv_nBKsH) = lax.scan(
+        key_block, jnp.zeros((B, K, H, G, T), f32), jnp.arange(blocks.n_k)
     )
     to_BKTH = lambda x: jnp.moveaxis(x, 0, 2).reshape(B, K, T, H)
-    return (dq_BKGTH.astype(q_BKGTH.dtype), to_BKTH(dk_nBKsH).astype(k_BKTH.dtype),
-            to_BKTH(dv_nBKsH).astype(v_BKTH.dtype))
+    return (dqT_BKHGT.transpose(0, 1, 3, 4, 2).astype(q_BKGTH.dtype),
+            to_BKTH(dk_nBKsH).astype(k_BKTH.dtype), to_BKTH(dv_nBKsH).astype(v_BKTH.dtype))
 
 
 # ---------------------------------------------------------------------------------------
