@@ -9,7 +9,7 @@ Implementations (all equal "xla" to float32 rounding, tests/model/test_attention
   xla         `jax.nn.dot_product_attention` with the dense [B, 1, T, T] mask; builds the
               float32 [B, N, T, T] scores.
   blockwise   pure JAX flash attention (any backend): query blocks, online softmax over key
-              blocks, key blocks above the diagonal never visited, block pairs where no row
+              blocks, keys above the diagonal never visited, block pairs where no row
               shares a segment skipped at run time; custom VJP (flash backward), so memory
               is O(T * block) in the backward pass too. The fastest on the CPU from T=128.
   pallas_gpu  Triton flash kernel `jax.experimental.pallas.ops.gpu.attention.mha`.
@@ -31,25 +31,26 @@ from model.sharding import logical_to_spec
 
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "pallas_gpu", "splash_tpu")
 
-# On the CPU "auto" takes blockwise from this sequence length on, xla below it: they tie in
-# time at T=64 and T=128, and blockwise holds less. Measured on the 2-core CPU: f = jax.jit(
-# jax.value_and_grad(lambda q, k, v: jnp.sum(attend(q, k, v, segment_ids, implementation=...)
-# * w), (0, 1, 2))) on random float32 [B, T, 12, 64] inputs, equal-length segments,
-# block_sizes=(128, 128); one warm-up call, then 5-11 timed calls with xla and blockwise
-# interleaved; median (min) seconds and f.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes:
-#   B=32 T=64,   1 segment    xla 0.029 (0.024)   30 MiB   blockwise 0.028 (0.023)  24 MiB
-#   B=16 T=128,  1 segment    xla 0.059 (0.056)   54 MiB   blockwise 0.060 (0.054)  36 MiB
-#   B=16 T=128,  4 segments   xla 0.067 (0.060)   54 MiB   blockwise 0.062 (0.052)  36 MiB
-#   B=2  T=2048, 4 segments   xla 2.65  (2.49)  1548 MiB   blockwise 0.269 (0.260)  84 MiB
-#   B=2  T=2048, 1 segment                                 blockwise 0.564 (0.560)  84 MiB
+# On the CPU "auto" takes blockwise from this sequence length on, xla below it: at T=64 and
+# T=128 they are within a run's noise of each other, and blockwise holds less. Measured on
+# the 2-core CPU: f = jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(attend(q, k, v,
+# segment_ids, implementation=...) * w), (0, 1, 2))) on random float32 [B, T, 12, 64] inputs,
+# equal-length segments, block_sizes=(128, 128); one warm-up call, then 5-11 timed calls with
+# xla and blockwise interleaved; median (min) seconds and
+# f.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes:
+#   B=32 T=64,   1 segment    xla 0.025 (0.021)   30 MiB   blockwise 0.021 (0.020)  24 MiB
+#   B=16 T=128,  1 segment    xla 0.062 (0.051)   54 MiB   blockwise 0.053 (0.045)  36 MiB
+#   B=16 T=128,  4 segments   xla 0.055 (0.052)   54 MiB   blockwise 0.053 (0.050)  36 MiB
+#   B=2  T=2048, 4 segments   xla 2.56  (2.55)  1548 MiB   blockwise 0.254 (0.242)  84 MiB
+#   B=2  T=2048, 1 segment                                 blockwise 0.558 (0.536)  84 MiB
 CPU_BLOCKWISE_MIN_LEN = 128
 
 # (query, key) tiles when `attend` is given none. Blockwise: fewer, larger matmuls pay on the
 # CPU. value_and_grad as above on [2, 2048, 6, 64], one segment, median of 5 calls after a
-# warm-up, milliseconds forward / forward+backward: (128, 128) 122 / 328, (256, 256) 100 / 278,
-# (256, 512) 82 / 209, (512, 512) 80 / 215, (128, 512) 99 / 253; with 4 segments (each tile
-# pair must hold a shared segment to be computed): (128, 128) 38 / 113, (256, 512) 47 / 106,
-# (512, 512) 44 / 108.
+# warm-up, milliseconds forward / forward+backward: (128, 128) 97 / 282, (256, 256) 89 / 252,
+# (256, 512) 71 / 193, (512, 512) 75 / 204, (128, 512) 81 / 206, (256, 1024) 77 / 197; with
+# 4 segments (each tile pair must hold a shared segment to be computed): (128, 128) 34 / 106,
+# (256, 512) 35 / 92, (512, 512) 42 / 105. torch's causal scaled_dot_product_attention: 30 / 107.
 # The kernels keep the tiles they were checked with.
 BLOCK_SIZES = {"blockwise": (256, 512), "pallas_gpu": (128, 128), "splash_tpu": (128, 128)}
 
@@ -202,12 +203,16 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 class _Blocks:
     """Block bookkeeping shared by the forward and backward passes: query tiles of bq rows,
-    key tiles of bk (a multiple of bq). Blocks span the whole batch (the batch axis stays an
-    ordinary, shardable axis); a block pair is skipped when no row has a segment id in both
-    blocks, judged by each block's id range per row."""
+    key tiles of bk = r * bq. Blocks span the whole batch (the batch axis stays an ordinary,
+    shardable axis); a block pair is skipped when no row has a segment id in both blocks,
+    judged by each block's id range per row.
+
+    No tile reaches past the diagonal: query block i sees the first (i % r + 1) * bq keys of
+    key block i // r, so that pair is computed on just those keys. With whole key tiles a
+    quarter of the products at (256, 512) fell above the diagonal."""
 
     def __init__(self, seg_BT, T, bq, bk):
-        self.bq, self.bk = bq, bk
+        self.bq, self.bk, self.r = bq, bk, bk // bq
         self.n_q, self.n_k = T // bq, T // bk
         self.seg_BT = seg_BT
         if seg_BT is not None:
@@ -217,20 +222,14 @@ class _Blocks:
             lo_k, hi_k = seg_Bnk.min(axis=2)[:, None, :], seg_Bnk.max(axis=2)[:, None, :]
             self.overlap_qk = (jnp.maximum(lo_q, lo_k) <= jnp.minimum(hi_q, hi_k)).any(axis=0)
 
-    def key_blocks_seen_by(self, i):
-        """Key blocks 0 .. this - 1 hold the keys query block i can see (causality)."""
-        return ((i + 1) * self.bq - 1) // self.bk + 1
-
-    def first_query_block_seeing(self, j):
-        return j * self.bk // self.bq
-
-    def mask(self, i, j):
-        """[B or 1, bq, bk] visibility of key block j's keys to query block i's queries."""
-        visible = (i * self.bq + jnp.arange(self.bq))[:, None] >= (j * self.bk + jnp.arange(self.bk))[None, :]
+    def mask(self, i, j, width):
+        """[B or 1, bq, width] visibility of key block j's first `width` keys to query block i."""
+        keys = j * self.bk + jnp.arange(width)
+        visible = (i * self.bq + jnp.arange(self.bq))[:, None] >= keys[None, :]
         if self.seg_BT is None:
             return visible[None]
         seg_q = lax.dynamic_slice_in_dim(self.seg_BT, i * self.bq, self.bq, axis=1)
-        seg_k = lax.dynamic_slice_in_dim(self.seg_BT, j * self.bk, self.bk, axis=1)
+        seg_k = lax.dynamic_slice_in_dim(self.seg_BT, j * self.bk, width, axis=1)
         return visible[None] & (seg_q[:, :, None] == seg_k[:, None, :])
 
     def skip_if_disjoint(self, i, j, compute, carry):
@@ -253,12 +252,13 @@ def _flash_forward(q_BKGTH, k_BKTH, v_BKTH, seg_BT, bq, bk):
     def query_block(_, i):
         q_i = lax.dynamic_slice_in_dim(q_BKGTH, i * bq, bq, axis=3)
 
-        def visit(j, carry):
+        def visit(j, width, carry):
+            """Online softmax over the first `width` keys of key block j."""
             def compute(carry):
                 o, m, l = carry
-                k_j = lax.dynamic_slice_in_dim(k_BKTH, j * bk, bk, axis=2)
-                v_j = lax.dynamic_slice_in_dim(v_BKTH, j * bk, bk, axis=2)
-                s = _scores(q_i, k_j, blocks.mask(i, j), scale)
+                k_j = lax.dynamic_slice_in_dim(k_BKTH, j * bk, width, axis=2)
+                v_j = lax.dynamic_slice_in_dim(v_BKTH, j * bk, width, axis=2)
+                s = _scores(q_i, k_j, blocks.mask(i, j, width), scale)
                 m_new = jnp.maximum(m, s.max(axis=-1))
                 # A row that has seen no visible key yet has m_new = _MASKED and p = 1 on
                 # masked keys; the block holding its own diagonal key comes last and the
@@ -276,8 +276,12 @@ def _flash_forward(q_BKGTH, k_BKTH, v_BKTH, seg_BT, bq, bk):
             jnp.full((B, K, G, bq), _MASKED, jnp.float32),
             jnp.zeros((B, K, G, bq), jnp.float32),
         )
-        # Key blocks wholly above the diagonal are never visited.
-        o, m, l = lax.fori_loop(0, blocks.key_blocks_seen_by(i), visit, init)
+        # Whole key blocks below the diagonal, then the block holding it, up to it: a switch
+        # over the r widths that keeps every shape static.
+        diagonal = i // blocks.r
+        carry = lax.fori_loop(0, diagonal, lambda j, c: visit(j, bk, c), init)
+        up_to_diagonal = [functools.partial(visit, diagonal, (n + 1) * bq) for n in range(blocks.r)]
+        o, m, l = lax.switch(i % blocks.r, up_to_diagonal, carry)
         return None, ((o / l[..., None]).astype(q_BKGTH.dtype), m + jnp.log(l))
 
     _, (o_nBKGqH, lse_nBKGq) = lax.scan(query_block, None, jnp.arange(blocks.n_q))
@@ -294,8 +298,8 @@ def _flash_backward(q_BKGTH, k_BKTH, v_BKTH, seg_BT, out_BKGTH, lse_BKGT, dout_B
     delta_BKGT = jnp.sum(dout_BKGTH.astype(f32) * out_BKGTH.astype(f32), axis=-1)
     # Tiles are held transposed, [keys, queries], and dq is accumulated as [H, queries]: then
     # every product reads its large operand in the layout the CPU's matmul takes as is. With
-    # [queries, keys] tiles XLA copied p and ds transposed for dk and dv on every tile pair
-    # (value_and_grad on [2, 2048, 6, 64], one segment: 211 ms so, 254 ms with [queries, keys]).
+    # [queries, keys] tiles XLA copied p and ds transposed for dk and dv on every tile pair, and
+    # value_and_grad on [2, 2048, 6, 64] took a fifth longer.
     kT_BKHT = k_BKTH.transpose(0, 1, 3, 2)
 
     def key_block(dqT_BKHGT, j):
@@ -303,31 +307,39 @@ def _flash_backward(q_BKGTH, k_BKTH, v_BKTH, seg_BT, out_BKGTH, lse_BKGT, dout_B
         kT_j = lax.dynamic_slice_in_dim(kT_BKHT, j * bk, bk, axis=3)
         v_j = lax.dynamic_slice_in_dim(v_BKTH, j * bk, bk, axis=2)
 
-        def visit(i, carry):
+        def visit(i, width, carry):
+            """Gradients from query block i and the first `width` keys of key block j."""
             def compute(carry):
                 dqT, dk, dv = carry
+                k_w, kT_w, v_w = k_j[:, :, :width], kT_j[..., :width], v_j[:, :, :width]
                 q_i = lax.dynamic_slice_in_dim(q_BKGTH, i * bq, bq, axis=3)
                 do_i = lax.dynamic_slice_in_dim(dout_BKGTH, i * bq, bq, axis=3)
                 lse_i = lax.dynamic_slice_in_dim(lse_BKGT, i * bq, bq, axis=3)[:, :, None]
                 delta_i = lax.dynamic_slice_in_dim(delta_BKGT, i * bq, bq, axis=3)[:, :, None]
-                mask_Bsq = jnp.swapaxes(blocks.mask(i, j), 1, 2)
-                s = jnp.einsum("BKsH,BKGqH->BKsGq", k_j, q_i, preferred_element_type=f32)
+                mask_Bsq = jnp.swapaxes(blocks.mask(i, j, width), 1, 2)
+                s = jnp.einsum("BKsH,BKGqH->BKsGq", k_w, q_i, preferred_element_type=f32)
                 p = jnp.exp(jnp.where(mask_Bsq[:, None, :, None], s * scale, _MASKED) - lse_i)
-                dv += jnp.einsum("BKsGq,BKGqH->BKsH", p.astype(do_i.dtype), do_i,
-                                 preferred_element_type=f32)
-                dp = jnp.einsum("BKsH,BKGqH->BKsGq", v_j, do_i, preferred_element_type=f32)
+                dv_w = jnp.einsum("BKsGq,BKGqH->BKsH", p.astype(do_i.dtype), do_i,
+                                  preferred_element_type=f32)
+                dp = jnp.einsum("BKsH,BKGqH->BKsGq", v_w, do_i, preferred_element_type=f32)
                 ds = (p * (dp - delta_i) * scale).astype(q_i.dtype)
-                dk += jnp.einsum("BKsGq,BKGqH->BKsH", ds, q_i, preferred_element_type=f32)
+                dk_w = jnp.einsum("BKsGq,BKGqH->BKsH", ds, q_i, preferred_element_type=f32)
                 dqT_i = lax.dynamic_slice_in_dim(dqT, i * bq, bq, axis=4)
-                dqT_i += jnp.einsum("BKHs,BKsGq->BKHGq", kT_j, ds, preferred_element_type=f32)
-                return lax.dynamic_update_slice_in_dim(dqT, dqT_i, i * bq, axis=4), dk, dv
+                dqT_i += jnp.einsum("BKHs,BKsGq->BKHGq", kT_w, ds, preferred_element_type=f32)
+                dqT = lax.dynamic_update_slice_in_dim(dqT, dqT_i, i * bq, axis=4)
+                return dqT, dk.at[:, :, :width].add(dk_w), dv.at[:, :, :width].add(dv_w)
 
             return blocks.skip_if_disjoint(i, j, compute, carry)
 
         zeros = jnp.zeros((B, K, bk, H), f32)
-        # Query blocks wholly above the diagonal never see key block j.
+        carry = (dqT_BKHGT, zeros, zeros)
+        # Query blocks above the diagonal never see key block j; the first r - 1 that do see
+        # only its first tiles.
+        first = j * blocks.r
+        for n in range(blocks.r - 1):
+            carry = visit(first + n, (n + 1) * bq, carry)
         dqT_BKHGT, dk, dv = lax.fori_loop(
-            blocks.first_query_block_seeing(j), blocks.n_q, visit, (dqT_BKHGT, zeros, zeros)
+            first + blocks.r - 1, blocks.n_q, lambda i, c: visit(i, bk, c), carry
         )
         return dqT_BKHGT, (dk, dv)
 

@@ -16,10 +16,11 @@ SEGMENTS = np.array([
 ])
 HEADS = {"mha": 4, "gqa": 2, "mqa": 1}
 # Name -> (implementation, arguments). Blockwise's (56, 112) pads T to 224 and takes key tiles
-# twice the query tiles.
+# twice the query tiles; (25, 100) divides T, with key tiles of four query tiles.
 KERNELS = {
     "blockwise": ("blockwise", dict(block_sizes=(64, 64))),
     "blockwise-56x112": ("blockwise", dict(block_sizes=(56, 112))),
+    "blockwise-25x100": ("blockwise", dict(block_sizes=(25, 100))),
     "pallas_gpu": ("pallas_gpu", dict(block_sizes=(64, 64), interpret=True)),
     "splash_tpu": ("splash_tpu", dict(interpret=True)),
 }
@@ -63,6 +64,7 @@ def test_equals_xla_reference(kernel, heads, packed):
 @pytest.mark.parametrize("T, blocks, want", [
     (2048, (256, 512), (256, 512, 2048)),
     (200, (56, 112), (56, 112, 224)),  # the test above: padded, key tiles of two query tiles
+    (200, (25, 100), (25, 100, 200)),  # the test above: key tiles of four query tiles
     (600, (256, 512), (256, 256, 768)),  # 3 query tiles: 512 would not divide the length
     (128, (256, 512), (128, 128, 128)),  # one tile
     (300, (64, 32), (64, 64, 320)),  # key tiles are never smaller than query tiles
