@@ -249,7 +249,8 @@ def _flash_forward(q_BKGTH, k_BKTH, v_BKTH, seg_BT, bq, bk):
     scale = 1.0 / math.sqrt(H)
     blocks = _Blocks(seg_BT, T, bq, bk)
 
-    def query_block(_, i):
+    def query_block(state):
+        i, out_BKGTH, lse_BKGT = state
         q_i = lax.dynamic_slice_in_dim(q_BKGTH, i * bq, bq, axis=3)
 
         def visit(j, width, carry):
@@ -282,11 +283,17 @@ def _flash_forward(q_BKGTH, k_BKTH, v_BKTH, seg_BT, bq, bk):
         carry = lax.fori_loop(0, diagonal, lambda j, c: visit(j, bk, c), init)
         up_to_diagonal = [functools.partial(visit, diagonal, (n + 1) * bq) for n in range(blocks.r)]
         o, m, l = lax.switch(i % blocks.r, up_to_diagonal, carry)
-        return None, ((o / l[..., None]).astype(q_BKGTH.dtype), m + jnp.log(l))
+        o_i = (o / l[..., None]).astype(q_BKGTH.dtype)
+        return (i + 1, lax.dynamic_update_slice_in_dim(out_BKGTH, o_i, i * bq, axis=3),
+                lax.dynamic_update_slice_in_dim(lse_BKGT, m + jnp.log(l), i * bq, axis=3))
 
-    _, (o_nBKGqH, lse_nBKGq) = lax.scan(query_block, None, jnp.arange(blocks.n_q))
-    out_BKGTH = jnp.moveaxis(o_nBKGqH, 0, 3).reshape(B, K, G, T, H)
-    lse_BKGT = jnp.moveaxis(lse_nBKGq, 0, 3).reshape(B, K, G, T)
+    # A while loop, not a scan: under an outer scan that is differentiated (the layer stack),
+    # JAX splits a scan's body and would precompute every query block's masks as stacked
+    # residuals, [n_q, B, K, G, bq, bk] of each, written and read back on every step.
+    _, out_BKGTH, lse_BKGT = lax.while_loop(
+        lambda state: state[0] < blocks.n_q, query_block,
+        (0, jnp.zeros_like(q_BKGTH), jnp.zeros((B, K, G, T), jnp.float32)),
+    )
     return out_BKGTH, lse_BKGT
 
 
