@@ -106,13 +106,21 @@ def train_step(state: TrainState, batch, *, loss_fn: LossFn, optimizer, microbat
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(objective_sum) & jnp.isfinite(grad_norm)
 
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    def update(params, opt_state):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    # A step whose loss or gradient is not finite leaves parameters and optimizer state as they
+    # were. Under a cond the update writes into the donated buffers, where a select after it
+    # would hold old and new copies of both at once.
+    params, opt_state = jax.lax.cond(
+        finite, update, lambda params, opt_state: (params, opt_state), state.params, state.opt_state
+    )
     new_state = state.replace(
         step=state.step + 1,
-        params=keep(params, state.params),
-        opt_state=keep(opt_state, state.opt_state),
+        params=params,
+        opt_state=opt_state,
         rng=jax.random.key_data(rng),
         nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
     )

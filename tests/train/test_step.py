@@ -97,7 +97,7 @@ def test_nonfinite_update_is_skipped_and_counted():
     train, _ = compile_steps(CONFIG, tx, mesh, microbatches=1, z_loss=1e-4)
     state = create_state(CONFIG, tx, mesh, seed=0)
     poisoned = state.replace(params={**state.params, "embedding": state.params["embedding"].at[5].set(jnp.nan)})
-    before = jax.device_get(poisoned.params)
+    before, opt_before = jax.device_get((poisoned.params, poisoned.opt_state))
     batch = _batch()
     batch["inputs"][0, 0] = 5
     new_state, metrics = train(poisoned, batch)
@@ -105,6 +105,7 @@ def test_nonfinite_update_is_skipped_and_counted():
     assert int(new_state.step) == 1
     after = jax.device_get(new_state.params)
     np.testing.assert_array_equal(after["head"], before["head"])
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(new_state.opt_state), opt_before)
 
 
 def test_weight_decay_skips_norms_and_biases():
