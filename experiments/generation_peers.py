@@ -4,20 +4,25 @@
 
 A GPT-2-shaped model with random weights is built in `transformers` (GPT2LMHeadModel; the
 shape flags below, default GPT-2 124M) and imported with `model.from_hf`, so both sides run
-the same float32 weights on the default device (the CPU here, every core). Per batch size:
-random prompts of --prompt_len tokens, --new_tokens new tokens (no EOS, so every row runs the
-whole budget), one warm-up call (compilation), then the median of --repeats timed calls.
-Hugging Face runs `generate(do_sample=False, use_cache=True)`. The greedy outputs are compared
-token for token. Our time per new token is also printed at a quarter of the budget, to show
-that it does not grow with the cache length. Needs the `test` extra (torch, transformers).
+the same weights, in --dtype, on the default device (the CPU here, every core; torch takes
+CUDA when it has it). Per batch size: random prompts of --prompt_len tokens, --new_tokens new
+tokens (no EOS, so every row runs the whole budget), one warm-up call (compilation), then the
+median of --repeats timed calls. Hugging Face runs `generate(do_sample=False,
+use_cache=True)`. The greedy outputs are compared token for token (in bfloat16 the two sides
+round differently, so they may part). Our time per new token is also printed at a quarter of
+the budget, to show that it does not grow with the cache length. Needs the `test` extra
+(torch, transformers); with --nopeer only our side runs, on weights from `model.init_params`,
+and neither is needed (a GPU machine without torch).
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 import tempfile
 import time
 
+import jax
 import numpy as np
 from absl import flags
 
@@ -33,6 +38,8 @@ _LAYERS = flags.DEFINE_integer("n_layer", 12, "Layers.")
 _HEADS = flags.DEFINE_integer("n_head", 12, "Attention heads.")
 _WIDTH = flags.DEFINE_integer("n_embd", 768, "Model width.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 50257, "Vocabulary.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and compute, both sides.")
+_PEER = flags.DEFINE_bool("peer", True, "Also run Hugging Face generate.")
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -44,8 +51,8 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def main(argv):
-    del argv
+def _hf_model():
+    """The random GPT-2 in `transformers`, and its (config, params) imported here."""
     import torch
     import transformers
 
@@ -59,9 +66,27 @@ def main(argv):
     with tempfile.TemporaryDirectory() as directory:
         hf_model.save_pretrained(directory)
         config, params = model.from_hf(directory)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return hf_model.to(device, getattr(torch, _DTYPE.value)), config, params
+
+
+def _our_model():
+    config = model.get_config(
+        "gpt2-124m", n_layers=_LAYERS.value, n_heads=_HEADS.value, n_kv_heads=_HEADS.value,
+        d_model=_WIDTH.value, d_ff=4 * _WIDTH.value, vocab_size=_VOCAB.value,
+        max_seq_len=max(1024, _PROMPT.value + _NEW.value),
+    )
+    return config, model.init_params(config, jax.random.key(0))
+
+
+def main(argv):
+    del argv
+    hf_model, config, params = _hf_model() if _PEER.value else (None, *_our_model())
+    config = config.replace(dtype=_DTYPE.value, param_dtype=_DTYPE.value)
+    params = jax.tree.map(lambda a: a.astype(_DTYPE.value), params)
     rng = np.random.default_rng(0)
-    print(f"GPT-2 shape: {model.param_counts(config)['total']:,} parameters, float32; prompt {_PROMPT.value}, "
-          f"{_NEW.value} new tokens, median of {_REPEATS.value}; torch threads {torch.get_num_threads()}")
+    print(f"GPT-2 shape: {model.param_counts(config)['total']:,} parameters, {_DTYPE.value}; prompt "
+          f"{_PROMPT.value}, {_NEW.value} new tokens, median of {_REPEATS.value}; {jax.devices()[0].device_kind}")
     print(f"{'batch':>5} {'ours tok/s':>11} {'HF tok/s':>9} {'ratio':>6} {'ms/token (1/4 budget, full)':>28} {'same tokens':>11}")
     for batch in map(int, _BATCHES.value):
         prompts = rng.integers(0, _VOCAB.value, (batch, _PROMPT.value)).tolist()
@@ -69,26 +94,34 @@ def main(argv):
         def ours(new_tokens=_NEW.value):
             return generate(config, params, prompts, max_new_tokens=new_tokens).tokens
 
-        def theirs():
-            with torch.no_grad():
-                return hf_model.generate(
-                    torch.tensor(prompts), attention_mask=torch.ones(batch, _PROMPT.value, dtype=torch.long),
-                    do_sample=False, use_cache=True, max_new_tokens=_NEW.value, min_new_tokens=_NEW.value,
-                    pad_token_id=0,
-                )[:, _PROMPT.value:].tolist()
-
-        ours_tokens, their_tokens = ours(), theirs()  # warm-up (compilation) and the comparison
+        ours_tokens = ours()  # warm-up (compilation)
         quarter = max(1, _NEW.value // 4)
         ours(quarter)
         ours_s = _median_seconds(ours, _REPEATS.value)
         quarter_s = _median_seconds(lambda: ours(quarter), _REPEATS.value)
-        theirs_s = _median_seconds(theirs, _REPEATS.value)
         new = batch * _NEW.value
+        timings = f"{quarter_s / quarter * 1e3:>17.2f}, {ours_s / _NEW.value * 1e3:>7.2f}"
+        if hf_model is None:
+            print(f"{batch:>5} {new / ours_s:>11,.0f} {'-':>9} {'-':>6} {timings}")
+            continue
+        theirs = functools.partial(_hf_generate, hf_model, prompts)
+        their_tokens = theirs()  # warm-up and the comparison
+        theirs_s = _median_seconds(theirs, _REPEATS.value)
         print(
             f"{batch:>5} {new / ours_s:>11,.0f} {new / theirs_s:>9,.0f} {theirs_s / ours_s:>5.1f}x "
-            f"{quarter_s / quarter * 1e3:>17.2f}, {ours_s / _NEW.value * 1e3:>7.2f} "
-            f"{str(ours_tokens == their_tokens):>11}"
+            f"{timings} {str(ours_tokens == their_tokens):>11}"
         )
+
+
+def _hf_generate(hf_model, prompts):
+    import torch
+
+    with torch.no_grad():
+        inputs = torch.tensor(prompts, device=hf_model.device)
+        return hf_model.generate(
+            inputs, attention_mask=torch.ones_like(inputs), do_sample=False, use_cache=True,
+            max_new_tokens=_NEW.value, min_new_tokens=_NEW.value, pad_token_id=0,
+        )[:, _PROMPT.value:].tolist()
 
 
 if __name__ == "__main__":
