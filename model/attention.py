@@ -308,11 +308,10 @@ def _flash_backward(q_BKGTH, k_BKTH, v_BKTH, seg_BT, out_BKGTH, lse_BKGT, dout_B
     # every product reads its large operand in the layout the CPU's matmul takes as is. With
     # [queries, keys] tiles XLA copied p and ds transposed for dk and dv on every tile pair, and
     # value_and_grad on [2, 2048, 6, 64] took a fifth longer.
-    kT_BKHT = k_BKTH.transpose(0, 1, 3, 2)
 
     def key_block(dqT_BKHGT, j):
         k_j = lax.dynamic_slice_in_dim(k_BKTH, j * bk, bk, axis=2)
-        kT_j = lax.dynamic_slice_in_dim(kT_BKHT, j * bk, bk, axis=3)
+        kT_j = k_j.transpose(0, 1, 3, 2)
         v_j = lax.dynamic_slice_in_dim(v_BKTH, j * bk, bk, axis=2)
 
         def visit(i, width, carry):

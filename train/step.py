@@ -106,7 +106,6 @@ def train_step(state: TrainState, batch, *, loss_fn: LossFn, optimizer, microbat
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(objective_sum) & jnp.isfinite(grad_norm)
 
-
     def update(params, opt_state):
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
