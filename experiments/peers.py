@@ -9,6 +9,8 @@ DIR holds nanoGPT's `model.py` (github.com/karpathy/nanoGPT; it is not part of t
 Both sides run AdamW on random tokens in float32 on the default device (CPU here: both use
 every core), two warm-up steps, then `--steps` timed ones; the medians are printed. nanoGPT
 runs eager and, with `--torch_compile`, under `torch.compile`. Needs the `test` extra (torch).
+The README's figures ran under GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (README, "Running
+experiments").
 """
 
 from __future__ import annotations
