@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # XLA:CPU allocates each step's temporaries anew, and glibc maps such large blocks fresh every
 # time: with 4 KiB pages the kernel faults them in one by one (138,000 faults per step of the
 # 16 x 128 benchmark in `experiments.peers`). Transparent huge pages for glibc's large blocks
-# make that step 15% faster on the 2-core CPU (README, "Performance").
+# make that step 15% faster on the 2-core CPU (README, "Running experiments").
 export GLIBC_TUNABLES := glibc.malloc.hugetlb=1
 
 $(VENV)/.main: pyproject.toml
