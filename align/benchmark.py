@@ -5,8 +5,9 @@
 Every update sees batch_size x seq_len tokens: pretraining and SFT as [B, T] rows, the
 preference methods as B/2 pairs of [2, T]. DPO with a cached reference costs one forward and
 backward pass over its 2 x B/2 rows, the same work as a pretraining step; an online reference
-adds a forward pass (about a third more FLOPs). Prints the median step time, tokens/s, the
-ratio to pretraining, and the compiled step's temporary memory.
+adds a forward pass (about a third more FLOPs). The updates take turns, one timed step each per
+round (`train.benchmark.time_interleaved`). Prints the median step time, tokens/s, the ratio
+to pretraining, and the compiled step's temporary memory.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import model
 from align.config import method_config as cfg
 from align import dpo, sft, trees
 from model import sharding
-from train.benchmark import synthetic_batch, time_steps
+from train.benchmark import synthetic_batch, time_interleaved
 from train.cli import run_program
 from train.optimizer import make_optimizer
 from train.state import create_state, init_state, state_shardings
@@ -78,9 +79,8 @@ def main(argv):
             ("dpo, LoRA r=8, cached", cfg("dpo", dpo=dict(reference="cached"), lora=dict(rank=8)), dpo.loss_fn, pairs),
         ):
             cases.append((name, *_method_step(c, config, mesh, builder), batch))
-        for name, step, state, batch in cases:
-            compiled_memory = step.lower(state, batch).compile().memory_analysis()
-            _, times, _ = time_steps(step, state, batch, FLAGS.steps)
+        measured = time_interleaved([case[1:] for case in cases], FLAGS.steps)
+        for (name, *_), (_, times, compiled_memory) in zip(cases, measured):
             results.append((name, statistics.median(times), compiled_memory.temp_size_in_bytes))
 
     counts = model.param_counts(config)

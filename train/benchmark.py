@@ -103,20 +103,30 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, documents_pe
 def time_steps(step, state, batch, steps: int):
     """(compile seconds, per-step seconds, the compiled step's memory analysis) of a compiled
     update: two warm-up steps, then `steps` timed ones, each waited for."""
-    start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
-    check_fits(compiled)
-    for _ in range(2):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
+    return time_interleaved([(step, state, batch)], steps)[0]
+
+
+def time_interleaved(updates, steps: int):
+    """`time_steps` of several (step, state, batch) updates at once. After each one's compile
+    and warm-up they take turns, one timed step each per round, so that drift in the machine's
+    speed falls on all of them alike (back-to-back runs on the 2-core CPU differ by up to 30%)."""
+    runs = []
+    for step, state, batch in updates:
         start = time.perf_counter()
-        state, metrics = compiled(state, batch)
+        compiled = step.lower(state, batch).compile()
+        compile_s = time.perf_counter() - start
+        check_fits(compiled)
+        for _ in range(2):
+            state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-    return compile_s, times, compiled.memory_analysis()
+        runs.append({"compiled": compiled, "state": state, "batch": batch, "compile_s": compile_s, "times": []})
+    for _ in range(steps):
+        for run in runs:
+            start = time.perf_counter()
+            run["state"], metrics = run["compiled"](run["state"], run["batch"])
+            jax.block_until_ready(metrics)
+            run["times"].append(time.perf_counter() - start)
+    return [(run["compile_s"], run["times"], run["compiled"].memory_analysis()) for run in runs]
 
 
 def main(argv):
