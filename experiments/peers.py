@@ -6,9 +6,13 @@ The model is nanoGPT's own small configuration (its Shakespeare character model:
 heads, width 384, vocabulary 65; about 10.7M parameters) unless --n_layer, --n_head, --n_embd
 and --vocab_size say otherwise.
 DIR holds nanoGPT's `model.py` (github.com/karpathy/nanoGPT; it is not part of this project).
-Both sides run AdamW on random tokens in float32 on the default device (CPU here: both use
-every core), two warm-up steps, then `--steps` timed ones; the medians are printed. nanoGPT
-runs eager and, with `--torch_compile`, under `torch.compile`. Needs the `test` extra (torch).
+Both sides run AdamW on random tokens on the default device (CPU here: both use every core;
+torch takes CUDA when it has it, with its fused AdamW), two warm-up steps, then `--steps` timed
+ones; the medians are printed. Weights and optimizer state are float32; `--dtype=bfloat16`
+computes in bfloat16 (nanoGPT under `torch.autocast`, as its train.py does). nanoGPT runs eager
+and, with `--torch_compile`, under `torch.compile`. Needs the `test` extra (torch). On a GPU
+JAX must leave torch room: XLA_PYTHON_CLIENT_MEM_FRACTION=0.5.
+GPT-2 124M as nanoGPT trains it: --n_layer=12 --n_head=12 --n_embd=768 --vocab_size=50304.
 The README's figures ran under GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (README, "Running
 experiments").
 """
@@ -28,6 +32,7 @@ import model
 from model import sharding
 from train.benchmark import synthetic_batch, time_steps  # also defines the shared flags
 from train.cli import run_program
+from train.metrics import peak_flops_per_device
 from train.optimizer import make_optimizer
 from train.state import create_state
 from train.step import compile_steps
@@ -37,9 +42,10 @@ _TORCH_COMPILE = flags.DEFINE_bool("torch_compile", False, "Also time nanoGPT un
 _LAYERS = flags.DEFINE_integer("n_layer", 6, "Layers.")
 _HEADS = flags.DEFINE_integer("n_head", 6, "Attention heads.")
 _WIDTH = flags.DEFINE_integer("n_embd", 384, "Model width.")
-# --batch_size, --seq_len, --steps, --attention, --scan_layers and --vocab_size are
+# --batch_size, --seq_len, --steps, --dtype, --attention, --scan_layers and --vocab_size are
 # train.benchmark's; a --vocab_size of 0 means nanoGPT's 65.
 FLAGS = flags.FLAGS
+FLAGS.set_default("dtype", "float32")
 
 _OPTIMIZER = dict(
     lr=3e-4, min_lr_ratio=0.1, warmup_steps=10, schedule="cosine", decay_fraction=0.2,
@@ -51,12 +57,16 @@ def _vocab_size() -> int:
     return FLAGS.vocab_size or 65
 
 
-def ours(batch_size: int, seq_len: int, steps: int) -> float:
-    config = model.get_config(
-        "gpt2-124m", dtype="float32", max_seq_len=max(seq_len, 1024), n_layers=_LAYERS.value,
+def _config() -> model.ModelConfig:
+    return model.get_config(
+        "gpt2-124m", dtype=FLAGS.dtype, max_seq_len=max(FLAGS.seq_len, 1024), n_layers=_LAYERS.value,
         n_heads=_HEADS.value, n_kv_heads=_HEADS.value, d_model=_WIDTH.value, d_ff=4 * _WIDTH.value,
         vocab_size=_vocab_size(), attention=FLAGS.attention, scan_layers=FLAGS.scan_layers,
     )
+
+
+def ours(batch_size: int, seq_len: int, steps: int) -> float:
+    config = _config()
     mesh = sharding.make_mesh((-1, 1, 1), model_config=config)
     optimizer = make_optimizer(ml_collections.ConfigDict(_OPTIMIZER), total_steps=1000)
     train_step, _ = compile_steps(config, optimizer, mesh, microbatches=1, z_loss=0.0)
@@ -68,6 +78,8 @@ def ours(batch_size: int, seq_len: int, steps: int) -> float:
 
 
 def nanogpt(directory: str, batch_size: int, seq_len: int, steps: int, compiled: bool) -> float:
+    import contextlib
+
     import torch
 
     spec = importlib.util.spec_from_file_location("nanogpt_model", pathlib.Path(directory) / "model.py")
@@ -77,17 +89,25 @@ def nanogpt(directory: str, batch_size: int, seq_len: int, steps: int, compiled:
         block_size=max(seq_len, 1024), vocab_size=_vocab_size(), n_layer=_LAYERS.value,
         n_head=_HEADS.value, n_embd=_WIDTH.value, dropout=0.0,
     ))
-    optimizer = gpt.configure_optimizers(0.1, 3e-4, (0.9, 0.95), "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpt.to(device)
+    optimizer = gpt.configure_optimizers(0.1, 3e-4, (0.9, 0.95), device)  # fused AdamW on CUDA
     step_model = torch.compile(gpt) if compiled else gpt
-    tokens = torch.randint(0, _vocab_size(), (batch_size, seq_len + 1))
+    tokens = torch.randint(0, _vocab_size(), (batch_size, seq_len + 1), device=device)
     inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    autocast = (
+        torch.autocast(device, dtype=torch.bfloat16) if FLAGS.dtype == "bfloat16" else contextlib.nullcontext()
+    )
 
     def step():
-        _, loss = step_model(inputs, targets)
+        with autocast:
+            _, loss = step_model(inputs, targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     for _ in range(2):
         step()
@@ -107,10 +127,16 @@ def main(argv):
     if _TORCH_COMPILE.value:
         rows.append(("nanoGPT torch.compile", nanogpt(_NANOGPT.value, B, T, steps, compiled=True)))
     shape = f"{_LAYERS.value} layers, {_HEADS.value} heads, width {_WIDTH.value}, vocabulary {_vocab_size()}"
-    print(f"GPT-2 family, {shape}; float32, AdamW; {B} x {T} tokens per step; {jax.devices()[0].device_kind}")
+    flops = model.flops_per_token(_config(), T)["total"]
+    peak = peak_flops_per_device()
+    print(
+        f"GPT-2 family, {shape}; {FLAGS.dtype} compute, AdamW; {B} x {T} tokens per step; "
+        f"{jax.devices()[0].device_kind}; {flops:.4g} FLOPs/token (model.flops_per_token)"
+    )
     for name, seconds in rows:
         speed = rows[1][1] / seconds
-        print(f"{name:24s} {seconds * 1e3:9.1f} ms/step {B * T / seconds:10,.0f} tok/s  {speed:.2f}x nanoGPT eager")
+        mfu = f"  MFU {flops * B * T / seconds / peak:.1%}" if peak else ""
+        print(f"{name:24s} {seconds * 1e3:9.1f} ms/step {B * T / seconds:10,.0f} tok/s  {speed:.2f}x nanoGPT eager{mfu}")
 
 
 if __name__ == "__main__":
