@@ -1,5 +1,7 @@
 """Forward pass semantics: KV cache, packed sequences, remat, counts and FLOPs."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,6 +112,23 @@ def test_remat_policies_and_layer_scan_give_the_same_gradients():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), chex_tree, reference)
 
 
+def test_remat_lowers_the_compiled_gradients_memory():
+    """Remat keeps the layer loop rolled. Unrolled, it saves next to nothing: here 13.1 MB
+    of temporaries with full remat and 13.8 MB with dots, against 13.9 MB without remat,
+    where rolled they are 4.4 and 6.9 MB."""
+    tokens = _tokens((8, 64))
+
+    def temporaries(config):
+        params = model.init_params(config.replace(remat="none"), jax.random.key(4))
+        loss = lambda p: jnp.mean(model.forward(config, p, tokens) ** 2)
+        return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
+
+    config = LLAMA.replace(n_layers=4)
+    none = temporaries(config)
+    assert temporaries(config.replace(remat="full")) < 0.4 * none
+    assert temporaries(config.replace(remat="dots")) < 0.6 * none
+
+
 @pytest.mark.parametrize("preset", ["llama-tiny", "gpt2-124m", "gpt2-350m", "llama-small", "llama-1b"])
 def test_param_counts_match_the_parameter_tree(preset):
     config = model.get_config(preset)
@@ -197,3 +216,35 @@ def test_config_rejects_bad_values():
         LLAMA.replace(norm="batchnorm")
     with pytest.raises(ValueError, match="model.n_heads=4 is not a multiple of model.n_kv_heads=3"):
         LLAMA.replace(n_kv_heads=3)
+
+
+
+def test_bfloat16_head_gradients_equal_autodiff_and_are_bfloat16_matmuls():
+    from model.transformer import _head_matmul, _head_matmul_narrow_gradient
+
+    rng = np.random.default_rng(0)
+    x, head, weights = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in [(12, 16), (40, 16), (12, 40)])
+    loss = lambda matmul, x, head: jnp.sum(matmul(x, head) * weights)
+    want = jax.grad(functools.partial(loss, _head_matmul), (0, 1))(x, head)
+    # On float32 operands the cast is the identity: the hand-written backward pass is autodiff's.
+    got = jax.grad(functools.partial(loss, _head_matmul_narrow_gradient), (0, 1))(x, head)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+    # In bfloat16 it differs from the float32 gradient by the rounding of the logit gradient.
+    x16, head16 = x.astype(jnp.bfloat16), head.astype(jnp.bfloat16)
+    want = jax.grad(functools.partial(loss, _head_matmul), (0, 1))(x16.astype(jnp.float32), head16.astype(jnp.float32))
+    got = jax.grad(functools.partial(loss, _head_matmul_narrow_gradient), (0, 1))(x16, head16)
+    for g, w in zip(got, want):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=2e-2, atol=2e-2 * np.abs(w).max())
+
+    # Through the model every matmul touching the vocabulary, forward and backward, takes
+    # bfloat16 operands; autodiff alone multiplies the float32 logit gradient in float32.
+    config = LLAMA.replace(vocab_size=200, dtype="bfloat16")  # stored padded to 256, a size no other array has
+    params = model.init_params(config, jax.random.key(4))
+    text = jax.jit(jax.grad(lambda p: jnp.mean(model.forward(config, p, _tokens((2, 8))) ** 2))).lower(params).as_text()
+    vocab_dots = [line for line in text.splitlines() if "dot_general" in line and "256x" in line]
+    assert len(vocab_dots) == 3, vocab_dots
+    for line in vocab_dots:
+        operands = line.split(" : (")[1].split(") -> ")[0]
+        assert operands.count("bf16>") == 2, line
