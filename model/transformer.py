@@ -185,11 +185,11 @@ def _scan_unroll(config: ModelConfig) -> int:
     rolled. On one H200 the GPT-2 124M step (bfloat16, 32 x 1024, pallas_gpu) took 94.9 ms
     without the layer loop against 108.6 ms with it (23.9 against 34.6 GiB of temporaries);
     the rolled step's profile (115.7 ms of kernels) has 15.0 ms zero-filling and updating
-    [layers, B, T, ...] buffers and 9.6 ms of device copies. The unrolled loop compiles to the same step as no loop: 46.4 GiB of temporaries
-    for that step compiled for the CPU either way, 59.2 GiB rolled. TPUs keep the loop, which
-    compiles one layer instead of all of them, and so does remat, which the unrolled stack
-    undoes: with `remat="full"` that step's temporaries are 14.3 GiB rolled and 46.4 GiB
-    unrolled, as without remat."""
+    [layers, B, T, ...] buffers and 9.6 ms of device copies. The unrolled loop compiles to the
+    same step as no loop: 46.4 GiB of temporaries for that step compiled for the CPU either
+    way, 59.2 GiB rolled. TPUs keep the loop, which compiles one layer instead of all of
+    them, and so does remat, which the unrolled stack undoes: with `remat="full"` that step's
+    temporaries are 14.3 GiB rolled and 46.4 GiB unrolled, as without remat."""
     if jax.default_backend() == "tpu" or config.remat != "none":
         return 1
     return config.n_layers
