@@ -19,6 +19,7 @@ experiments").
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import pathlib
 import statistics
@@ -78,8 +79,6 @@ def ours(batch_size: int, seq_len: int, steps: int) -> float:
 
 
 def nanogpt(directory: str, batch_size: int, seq_len: int, steps: int, compiled: bool) -> float:
-    import contextlib
-
     import torch
 
     spec = importlib.util.spec_from_file_location("nanogpt_model", pathlib.Path(directory) / "model.py")

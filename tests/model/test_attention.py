@@ -46,20 +46,26 @@ def _value_and_grads(implementation, q, k, v, segment_ids, weights, **kwargs):
     return np.asarray(out)[np.asarray(real)], [np.asarray(g) for g in grads]
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize(
-    "heads, packed", [("mha", True), ("gqa", True), ("mqa", True), ("gqa", False)]
-)
-def test_equals_xla_reference(kernel, heads, packed):
-    q, k, v, weights = _inputs(HEADS[heads])
-    segment_ids = jnp.asarray(SEGMENTS, jnp.int32) if packed else None
+# (heads, packed) cases every kernel is checked on.
+CASES = [("mha", True), ("gqa", True), ("mqa", True), ("gqa", False)]
+
+
+def _assert_equals_xla(heads, packed, implementation, device=None, **kwargs):
+    """`implementation` against xla on the same inputs (on `device`: the default one)."""
+    q, k, v, weights = jax.device_put(_inputs(HEADS[heads]), device)
+    segment_ids = jax.device_put(jnp.asarray(SEGMENTS, jnp.int32), device) if packed else None
     want_out, want_grads = _value_and_grads("xla", q, k, v, segment_ids, weights)
-    implementation, kwargs = KERNELS[kernel]
     out, grads = _value_and_grads(implementation, q, k, v, segment_ids, weights, **kwargs)
     np.testing.assert_allclose(out, want_out, atol=1e-5, rtol=0)
     for name, got, want in zip("qkv", grads, want_grads):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=f"d{name}")
 
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("heads, packed", CASES)
+def test_equals_xla_reference(kernel, heads, packed):
+    implementation, kwargs = KERNELS[kernel]
+    _assert_equals_xla(heads, packed, implementation, **kwargs)
 
 
 def _gpu():
@@ -72,18 +78,13 @@ def _gpu():
 @pytest.mark.skipif(
     _gpu() is None, reason="compiles the Triton kernel: JAX_PLATFORMS=cuda,cpu pytest tests/model/test_attention.py -k compiled"
 )
-@pytest.mark.parametrize("heads, packed", [("mha", True), ("gqa", True), ("mqa", True), ("gqa", False)])
+@pytest.mark.parametrize("heads, packed", CASES)
 def test_pallas_gpu_compiled_for_the_gpu_equals_xla_reference(heads, packed):
     """The kernel as it runs in training: compiled, with its default tiles (on an H200, with
     backward tiles of 32, outputs within 7e-7 and gradients within 3e-6)."""
-    q, k, v, weights = jax.device_put(_inputs(HEADS[heads]), _gpu())
-    segment_ids = jax.device_put(jnp.asarray(SEGMENTS, jnp.int32), _gpu()) if packed else None
     with jax.default_matmul_precision("highest"):
-        want_out, want_grads = _value_and_grads("xla", q, k, v, segment_ids, weights)
-        out, grads = _value_and_grads("pallas_gpu", q, k, v, segment_ids, weights, interpret=False)
-    np.testing.assert_allclose(out, want_out, atol=1e-5, rtol=0)
-    for name, got, want in zip("qkv", grads, want_grads):
-        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=f"d{name}")
+        _assert_equals_xla(heads, packed, "pallas_gpu", device=_gpu(), interpret=False)
+
 
 @pytest.mark.parametrize("T, blocks, want", [
     (2048, (256, 512), (256, 512, 2048)),

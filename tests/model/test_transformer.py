@@ -218,7 +218,6 @@ def test_config_rejects_bad_values():
         LLAMA.replace(n_kv_heads=3)
 
 
-
 def test_bfloat16_head_gradients_equal_autodiff_and_are_bfloat16_matmuls():
     from model.transformer import _head_matmul, _head_matmul_narrow_gradient
 
