@@ -50,6 +50,44 @@ def test_target_logprobs_against_float64_log_softmax(dtype):
     np.testing.assert_allclose(logp, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_target_logprobs_gradients_equal_autodiff_of_log_softmax(temperature):
+    """The hand-written backward pass of the log-softmax at the targets equals autodiff of
+    `jax.nn.log_softmax` over `model.forward`'s logits, through log p and log Z both, over a
+    padded vocabulary (1000 ids stored as 1024)."""
+    config = CONFIG.replace(vocab_size=1000)
+    params = model.init_params(config, jax.random.key(7))
+    rng = np.random.default_rng(8)
+    hidden = jnp.asarray(rng.normal(size=(4, 6, config.d_model)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 1000, size=(4, 6)), jnp.int32)
+    w_logp, w_log_z = (jnp.asarray(rng.normal(size=(4, 6)), jnp.float32) for _ in range(2))
+
+    def fused(hidden, head):
+        logp, log_z = target_logprobs(config, {"head": head}, hidden, targets, temperature=temperature)
+        return jnp.sum(w_logp * logp + w_log_z * log_z)
+
+    def autodiff(hidden, head):
+        logits = model.output_logits(config, head, hidden)[..., :1000] / temperature
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+        return jnp.sum(w_logp * logp + w_log_z * log_z)
+
+    got, want = (jax.value_and_grad(f, (0, 1))(hidden, params["head"]) for f in (fused, autodiff))
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    for g, w in zip(got[1], want[1]):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * np.abs(w).max())
+    np.testing.assert_array_equal(got[1][1][1000:], 0.0)
+
+    # In bfloat16 compute the head's backward matmuls take the logit gradient in bfloat16.
+    config = config.replace(dtype="bfloat16")
+    grad = jax.grad(lambda h, w: fused(h.astype(jnp.bfloat16), w), (0, 1))
+    vocab_dots = [line for line in jax.jit(grad).lower(hidden, params["head"]).as_text().splitlines()
+                  if "dot_general" in line and "1024x" in line]
+    assert len(vocab_dots) == 3, vocab_dots
+    for line in vocab_dots:
+        assert line.split(" : (")[1].split(") -> ")[0].count("bf16>") == 2, line
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_loss_over_a_padded_vocabulary_is_the_log_softmax_over_the_real_ids(tied):
     """Vocabulary 1000, stored as 1024 rows whose padding would win every softmax were it not
