@@ -250,8 +250,8 @@ PADDING_LOGIT = -1e9
 
 def output_logits(config: ModelConfig, head, x_BTD):
     """Logits [B, T, V] in float32 from final hidden states; `head` is [V, D], the embedding
-    when tied (the layout of Hugging Face's lm_head; on CPU its gradient with the
-    cross-entropy takes 2.7 s against 3.0 s for [D, V] at B=16, T=128, D=768, V=50,304).
+    when tied (the layout of Hugging Face's lm_head; on CPU its gradient with autodiff's
+    cross-entropy took 2.7 s against 3.0 s for [D, V] at B=16, T=128, D=768, V=50,304).
 
     V is the padded vocabulary: the logits of ids from `config.vocab_size` on are
     `PADDING_LOGIT` (plus their rows' own logits, zero while the rows are), so no softmax,
