@@ -288,15 +288,16 @@ def _head_matmul(x_MD, head_VD):
 
 @jax.custom_vjp
 def _head_matmul_narrow_gradient(x_MD, head_VD):
-    """`_head_matmul` of operands narrower than float32, whose backward pass casts the
-    logits' float32 gradient to their dtype before its two matmuls, as mixed precision does
-    for every other layer. Left to autodiff, a float32 gradient times a bfloat16 operand is a
-    float32 matmul: on an H200 the GPT-2 124M step (bf16, 32 x 1024) spent 15.0 of its
-    115.7 ms of kernels in these two, run as TF32, against 3.5 ms for the forward one in
-    bfloat16 (profile of 3 steps). On the CPU, which has no fast bfloat16 matmul, the GPT-2
-    head and cross-entropy gradient of 16 x 128 tokens in bfloat16 took 5.5 s this way against
-    4.6 s with autodiff's float32 matmuls (median of 7); float32 compute, the CPU's default,
-    keeps autodiff's."""
+    """`_head_matmul` of operands narrower than float32, whose backward pass casts the logits'
+    float32 gradient to their dtype before its two matmuls, as mixed precision does for every
+    other layer; it serves gradients taken through `forward` (the training losses go through
+    `model.logprobs`, whose backward pass does the same cast). Left to autodiff, a float32
+    gradient times a bfloat16 operand is a float32 matmul: on an H200 the GPT-2 124M step
+    (bf16, 32 x 1024), before it had either, spent 15.0 of its 115.7 ms of kernels in these
+    two, run as TF32, against 3.5 ms for the forward one in bfloat16 (profile of 3 steps). On
+    the CPU, which has no fast bfloat16 matmul, the GPT-2 head and cross-entropy gradient of 16
+    x 128 tokens in bfloat16 took 5.5 s this way against 4.6 s with autodiff's float32 matmuls
+    (median of 7); float32 compute, the CPU's default, keeps autodiff's."""
     return _head_matmul(x_MD, head_VD)
 
 
