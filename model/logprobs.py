@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from model.config import ModelConfig
 from model.sharding import constrain
-from model.transformer import head_weights, mask_padding, unmasked_logits
+from model.transformer import head_matmul_gradients, head_weights, mask_padding, unmasked_logits
 
 
 def _target_logprobs(config: ModelConfig, head, hidden_BTD, targets_BT, temperature):
@@ -59,10 +59,8 @@ def _log_softmax_at_targets_bwd(config, temperature, residuals, cotangents):
     g_BTV = (g_log_z_BT - g_logp_BT)[..., None] * probs_BTV + jnp.where(is_target_BTV, g_logp_BT[..., None], 0.0)
     g_BTV = constrain((g_BTV / temperature).astype(hidden_BTD.dtype), ("batch", "length", "vocab"))
     B, T, D = hidden_BTD.shape
-    g_MV, x_MD = g_BTV.reshape(B * T, -1), hidden_BTD.reshape(B * T, D)
-    d_hidden = jnp.dot(g_MV, head_VD, preferred_element_type=jnp.float32).reshape(B, T, D)
-    d_head = jax.lax.dot_general(g_MV, x_MD, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return d_hidden.astype(hidden_BTD.dtype), d_head.astype(head_VD.dtype), None
+    d_hidden, d_head = head_matmul_gradients(hidden_BTD.reshape(B * T, D), head_VD, g_BTV.reshape(B * T, -1))
+    return d_hidden.reshape(B, T, D), d_head, None
 
 
 _log_softmax_at_targets.defvjp(_log_softmax_at_targets_fwd, _log_softmax_at_targets_bwd)

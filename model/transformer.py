@@ -306,7 +306,12 @@ def _head_matmul_fwd(x_MD, head_VD):
 
 
 def _head_matmul_bwd(residuals, g_MV):
-    x_MD, head_VD = residuals
+    return head_matmul_gradients(*residuals, g_MV)
+
+
+def head_matmul_gradients(x_MD, head_VD, g_MV):
+    """(d x, d head) of `_head_matmul` for the logits' gradient `g_MV`, cast to the operands'
+    dtype first, so that both matmuls run in it (float32 accumulation)."""
     g_MV = g_MV.astype(x_MD.dtype)
     dx_MD = jnp.dot(g_MV, head_VD, preferred_element_type=jnp.float32)
     dhead_VD = jax.lax.dot_general(g_MV, x_MD, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)

@@ -241,8 +241,14 @@ def test_bfloat16_head_gradients_equal_autodiff_and_are_bfloat16_matmuls():
     # bfloat16 operands; autodiff alone multiplies the float32 logit gradient in float32.
     config = LLAMA.replace(vocab_size=200, dtype="bfloat16")  # stored padded to 256, a size no other array has
     params = model.init_params(config, jax.random.key(4))
-    text = jax.jit(jax.grad(lambda p: jnp.mean(model.forward(config, p, _tokens((2, 8))) ** 2))).lower(params).as_text()
-    vocab_dots = [line for line in text.splitlines() if "dot_general" in line and "256x" in line]
+    grad = jax.jit(jax.grad(lambda p: jnp.mean(model.forward(config, p, _tokens((2, 8))) ** 2)))
+    assert_vocabulary_matmuls_take_bfloat16(grad.lower(params).as_text(), config.padded_vocab_size)
+
+
+def assert_vocabulary_matmuls_take_bfloat16(lowered_text: str, padded_vocab_size: int):
+    """The lowered gradient has the head's three matmuls (forward and two backward), found
+    by the vocabulary size, and each takes two bfloat16 operands."""
+    vocab_dots = [line for line in lowered_text.splitlines() if "dot_general" in line and f"{padded_vocab_size}x" in line]
     assert len(vocab_dots) == 3, vocab_dots
     for line in vocab_dots:
         operands = line.split(" : (")[1].split(") -> ")[0]
