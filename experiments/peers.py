@@ -8,8 +8,9 @@ and --vocab_size say otherwise.
 DIR holds nanoGPT's `model.py` (github.com/karpathy/nanoGPT; it is not part of this project).
 Both sides run AdamW on random tokens on the default device (CPU here: both use every core;
 torch takes CUDA when it has it, with its fused AdamW), two warm-up steps, then `--steps` timed
-ones; the medians are printed. Weights and optimizer state are float32; `--dtype=bfloat16`
-computes in bfloat16 (nanoGPT under `torch.autocast`, as its train.py does). nanoGPT runs eager
+ones dispatched back to back as a training loop runs them (`train.benchmark.pipelined_intervals`:
+each step is queued before the one ahead of it is waited for); the medians are printed. Weights
+and optimizer state are float32; `--dtype=bfloat16` computes in bfloat16 (nanoGPT under `torch.autocast`, as its train.py does). nanoGPT runs eager
 and, with `--torch_compile`, under `torch.compile`. Needs the `test` extra (torch). On a GPU
 JAX must leave torch room: XLA_PYTHON_CLIENT_MEM_FRACTION=0.5.
 GPT-2 124M as nanoGPT trains it: --n_layer=12 --n_head=12 --n_embd=768 --vocab_size=50304.
@@ -23,7 +24,6 @@ import contextlib
 import importlib.util
 import pathlib
 import statistics
-import time
 
 import jax
 import ml_collections
@@ -31,7 +31,7 @@ from absl import flags
 
 import model
 from model import sharding
-from train.benchmark import synthetic_batch, time_steps  # also defines the shared flags
+from train.benchmark import pipelined_intervals, synthetic_batch, time_steps  # also defines the shared flags
 from train.cli import run_program
 from train.metrics import peak_flops_per_device
 from train.optimizer import make_optimizer
@@ -99,6 +99,7 @@ def nanogpt(directory: str, batch_size: int, seq_len: int, steps: int, compiled:
     )
 
     def step():
+        """Dispatch one update; on CUDA return an event its completion sets."""
         with autocast:
             _, loss = step_model(inputs, targets)
         loss.backward()
@@ -106,16 +107,15 @@ def nanogpt(directory: str, batch_size: int, seq_len: int, steps: int, compiled:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
-            torch.cuda.synchronize()
+            done = torch.cuda.Event()
+            done.record()
+            return done
+        return None
 
+    wait = lambda done: done is not None and done.synchronize()
     for _ in range(2):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        wait(step())
+    return statistics.median(pipelined_intervals(step, wait, steps))
 
 
 def main(argv):

@@ -5,7 +5,8 @@ query i iff j <= i and both carry the same segment id (segment_ids None: plain c
 Segment id 0 marks padding; padding rows get finite outputs of no meaning. N is a multiple
 of K (GQA; K=1 is MQA). Softmax in float32 with scale 1/sqrt(H); output in q's dtype.
 
-Implementations (all equal "xla" to float32 rounding, tests/model/test_attention.py):
+Implementations (all equal "xla": to float32 rounding, cudnn_gpu at bfloat16's resolution;
+tests/model/test_attention.py):
   xla         `jax.nn.dot_product_attention` with the dense [B, 1, T, T] mask; builds the
               float32 [B, N, T, T] scores.
   blockwise   pure JAX flash attention (any backend): query blocks, online softmax over key
@@ -14,6 +15,9 @@ Implementations (all equal "xla" to float32 rounding, tests/model/test_attention
               is O(T * block) in the backward pass too. On the CPU it ties xla at T=128 and
               is 10x faster by T=2048 (CPU_BLOCKWISE_MIN_LEN).
   pallas_gpu  Triton flash kernel `jax.experimental.pallas.ops.gpu.attention.mha`.
+  cudnn_gpu   cuDNN's fused flash attention (bfloat16 or float16, Hopper or later for packed
+              rows): each row's documents go to cuDNN's packed layout as separate sequences
+              (`segment_runs`), so the segment ids must be contiguous runs, as packing makes them.
   splash_tpu  TPU kernel `jax.experimental.pallas.ops.tpu.splash_attention`.
   auto        `resolve`: by backend, and on the CPU by sequence length.
 Dimension letters as in model/transformer.py, plus G = N // K query heads per kv head.
@@ -30,7 +34,7 @@ from jax import lax
 
 from model.sharding import logical_to_spec
 
-IMPLEMENTATIONS = ("auto", "xla", "blockwise", "pallas_gpu", "splash_tpu")
+IMPLEMENTATIONS = ("auto", "xla", "blockwise", "pallas_gpu", "cudnn_gpu", "splash_tpu")
 
 # On the CPU "auto" takes blockwise from this sequence length on, xla below it: at T=64 and
 # T=128 they are within a run's noise of each other, and blockwise holds less. Measured on
@@ -99,6 +103,8 @@ def attend(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=None, *, implementation: str,
     name = resolve(implementation, T)
     if name == "xla":
         return _xla(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
+    if name == "cudnn_gpu":
+        return _per_shard(_cudnn_gpu, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
     block_q, block_k = block_sizes or BLOCK_SIZES[name]
     if name == "blockwise":
         return _blockwise(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block_q, block_k)
@@ -393,6 +399,44 @@ def _pallas_gpu(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block_q, block_k, interp
         interpret=interpret,
     )
     return out[:, :T].astype(q_BTNH.dtype)
+
+
+def segment_runs(segment_ids_BT, max_runs: int):
+    """Each row's runs of equal segment id in cuDNN's packed layout, for rows of at most
+    `max_runs` runs: (lengths [B, max_runs], starts [B, max_runs + 1]), both int32 and -1 past
+    the row's last run. Padding (id 0) is a run of its own, so every position is in one."""
+    B, T = segment_ids_BT.shape
+    is_start_BT = jnp.concatenate(
+        [jnp.ones((B, 1), bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1
+    )
+    # Run starts, then T: the length of the last run is T minus its start.
+    starts_BR = jax.vmap(lambda row: jnp.nonzero(row, size=max_runs + 1, fill_value=T)[0])(is_start_BT)
+    lengths_BR = jnp.diff(starts_BR, axis=1)
+    lengths_BR = jnp.where(starts_BR[:, :-1] < T, lengths_BR, -1)
+    return lengths_BR.astype(jnp.int32), jnp.where(starts_BR < T, starts_BR, -1).astype(jnp.int32)
+
+
+def _cudnn_gpu(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT):
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    if q_BTNH.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(
+            f"model.attention='cudnn_gpu' takes bfloat16 or float16 inputs, not {q_BTNH.dtype}; "
+            "use model.dtype='bfloat16' or model.attention='pallas_gpu'"
+        )
+    if segment_ids_BT is None:
+        return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation="cudnn")
+    # Every run is a sequence of its own with a causal mask: a row of T positions has at
+    # most T runs, so no row can have more runs than the layout holds.
+    lengths_BR, starts_BR = segment_runs(segment_ids_BT, q_BTNH.shape[1])
+    G = q_BTNH.shape[2] // k_BTKH.shape[2]
+    if G > 1:  # jax converts both offsets to elements with the query's head count
+        k_BTKH, v_BTKH = jnp.repeat(k_BTKH, G, axis=2), jnp.repeat(v_BTKH, G, axis=2)
+    return cudnn.dot_product_attention(
+        q_BTNH, k_BTKH, v_BTKH, q_seqlen=lengths_BR, kv_seqlen=lengths_BR, q_offsets=starts_BR,
+        kv_offsets=starts_BR, scale=1.0 / math.sqrt(q_BTNH.shape[-1]),
+        mask_type=cudnn.MaskType.PADDING_CAUSAL, qkv_layout="BTNH",
+    )
 
 
 def _splash_tpu(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block_q, block_k, interpret):

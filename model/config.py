@@ -43,7 +43,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs, recompute the rest)
     scan_layers: bool = True
-    attention: str = "auto"  # model/attention.py: "auto" | "xla" | "blockwise" | "pallas_gpu" | "splash_tpu"
+    attention: str = "auto"  # model/attention.py: "auto" | "xla" | "blockwise" | "pallas_gpu" | "cudnn_gpu" | "splash_tpu"
 
     def __post_init__(self):
         choices = {

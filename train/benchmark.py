@@ -102,31 +102,52 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, documents_pe
 
 def time_steps(step, state, batch, steps: int):
     """(compile seconds, per-step seconds, the compiled step's memory analysis) of a compiled
-    update: two warm-up steps, then `steps` timed ones, each waited for."""
+    update: two warm-up steps, then `steps` timed ones, run as training runs them
+    (`pipelined_intervals`)."""
     return time_interleaved([(step, state, batch)], steps)[0]
 
 
 def time_interleaved(updates, steps: int):
     """`time_steps` of several (step, state, batch) updates at once. After each one's compile
-    and warm-up they take turns, one timed step each per round, so that drift in the machine's
-    speed falls on all of them alike (back-to-back runs on the 2-core CPU differ by up to 30%)."""
+    and warm-up they take turns, so that drift in the machine's speed falls on all of them
+    alike (back-to-back runs on the 2-core CPU differ by up to 30%): two steps each per round,
+    the second timed. The batch is placed on the devices once, as the step's input sharding
+    asks."""
     runs = []
     for step, state, batch in updates:
         start = time.perf_counter()
         compiled = step.lower(state, batch).compile()
         compile_s = time.perf_counter() - start
         check_fits(compiled)
+        batch = jax.device_put(batch, compiled.input_shardings[0][1])
         for _ in range(2):
             state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)
         runs.append({"compiled": compiled, "state": state, "batch": batch, "compile_s": compile_s, "times": []})
-    for _ in range(steps):
+    rounds, per_round = (1, steps) if len(runs) == 1 else (steps, 1)
+    for _ in range(rounds):
         for run in runs:
-            start = time.perf_counter()
-            run["state"], metrics = run["compiled"](run["state"], run["batch"])
-            jax.block_until_ready(metrics)
-            run["times"].append(time.perf_counter() - start)
+            def dispatch(run=run):
+                run["state"], metrics = run["compiled"](run["state"], run["batch"])
+                return metrics
+
+            run["times"] += pipelined_intervals(dispatch, jax.block_until_ready, per_round)
     return [(run["compile_s"], run["times"], run["compiled"].memory_analysis()) for run in runs]
+
+
+def pipelined_intervals(dispatch, wait, n: int) -> list[float]:
+    """Seconds between the completions of n + 1 consecutive steps, each dispatched before the
+    one ahead of it is waited for: a training loop's pace (train/loop.py reads a step's
+    metrics after dispatching the next), host dispatch hidden behind device work as it is
+    there. `dispatch()` starts a step and returns what `wait` blocks on."""
+    pending = dispatch()
+    completions = []
+    for i in range(n + 1):
+        following = dispatch() if i < n else None
+        wait(pending)
+        completions.append(time.perf_counter())
+        pending = following
+    return np.diff(completions).tolist()
 
 
 def main(argv):

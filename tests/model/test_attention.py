@@ -43,7 +43,8 @@ def _value_and_grads(implementation, q, k, v, segment_ids, weights, **kwargs):
         return jnp.sum(jnp.where(real[:, :, None, None], out * weights, 0.0)), out
 
     (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-    return np.asarray(out)[np.asarray(real)], [np.asarray(g) for g in grads]
+    as_f32 = lambda x: np.asarray(x.astype(jnp.float32))
+    return as_f32(out)[np.asarray(real)], [as_f32(g) for g in grads]
 
 
 # (heads, packed) cases every kernel is checked on.
@@ -84,6 +85,49 @@ def test_pallas_gpu_compiled_for_the_gpu_equals_xla_reference(heads, packed):
     backward tiles of 32, outputs within 7e-7 and gradients within 3e-6)."""
     with jax.default_matmul_precision("highest"):
         _assert_equals_xla(heads, packed, "pallas_gpu", device=_gpu(), interpret=False)
+
+
+@pytest.mark.skipif(
+    _gpu() is None, reason="runs cuDNN: JAX_PLATFORMS=cuda,cpu pytest tests/model/test_attention.py -k compiled"
+)
+@pytest.mark.parametrize("heads, packed", CASES)
+def test_cudnn_gpu_compiled_for_the_gpu_equals_xla_reference(heads, packed):
+    """cuDNN takes bfloat16: the reference runs in float32 on the same bfloat16-rounded inputs,
+    and the errors are measured against the largest value, at bfloat16's resolution."""
+    q, k, v, weights = jax.device_put(_inputs(HEADS[heads]), _gpu())
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    segment_ids = jax.device_put(jnp.asarray(SEGMENTS, jnp.int32), _gpu()) if packed else None
+    with jax.default_matmul_precision("highest"):
+        want_out, want_grads = _value_and_grads(
+            "xla", *(x.astype(jnp.float32) for x in (q, k, v)), segment_ids, weights
+        )
+    out, grads = _value_and_grads("cudnn_gpu", q, k, v, segment_ids, weights)
+    np.testing.assert_allclose(out, want_out, atol=2e-2 * np.abs(want_out).max(), rtol=0)
+    for name, got, want in zip("qkv", grads, want_grads):
+        np.testing.assert_allclose(got, want, atol=2e-2 * np.abs(want).max(), rtol=0, err_msg=f"d{name}")
+
+
+def test_segment_runs_hold_exactly_the_visible_pairs():
+    """cuDNN's packed layout, read back as a mask (key j visible to query i iff both lie in
+    one run and j <= i), is the reference's causal segment mask; unused slots are -1."""
+    segment_ids = jnp.asarray(SEGMENTS, jnp.int32)
+    lengths, starts = (np.asarray(x) for x in attention.segment_runs(segment_ids, T))
+    assert lengths.shape == (B, T) and starts.shape == (B, T + 1)
+    np.testing.assert_array_equal(lengths[:, :5], [[13, 70, 50, 67, -1], [40, 90, 41, 29, -1]])
+    np.testing.assert_array_equal(starts[:, :5], [[0, 13, 83, 133, -1], [0, 40, 130, 171, -1]])
+    assert (lengths[:, 4:] == -1).all() and (starts[:, 4:] == -1).all()
+    run_of = np.full((B, T), -1)
+    for b in range(B):
+        for r, (start, length) in enumerate(zip(starts[b], lengths[b])):
+            if length > 0:
+                run_of[b, start:start + length] = r
+    assert (run_of >= 0).all()
+    same_run = run_of[:, :, None] == run_of[:, None, :]
+    visible = same_run & np.tril(np.ones((T, T), bool))
+    np.testing.assert_array_equal(visible, np.asarray(attention.causal_segment_mask(segment_ids, T))[:, 0])
+    one_token_runs = attention.segment_runs(jnp.arange(1, 9, dtype=jnp.int32)[None], 8)
+    np.testing.assert_array_equal(one_token_runs[0], [[1] * 8])
+    np.testing.assert_array_equal(one_token_runs[1], [list(range(8)) + [-1]])
 
 
 @pytest.mark.parametrize("T, blocks, want", [
@@ -132,12 +176,14 @@ def test_resolve_and_unknown_names():
     assert jax.default_backend() == "cpu"
     assert attention.resolve("auto", attention.CPU_BLOCKWISE_MIN_LEN - 1) == "xla"
     assert attention.resolve("auto", attention.CPU_BLOCKWISE_MIN_LEN) == "blockwise"
-    assert set(attention.IMPLEMENTATIONS) == {"auto", "xla", "blockwise", "pallas_gpu", "splash_tpu"}
+    assert set(attention.IMPLEMENTATIONS) == {"auto", "xla", "blockwise", "pallas_gpu", "cudnn_gpu", "splash_tpu"}
     q = jnp.zeros((1, 8, 2, 4))
     with pytest.raises(ValueError, match="model.attention"):
         attention.attend(q, q, q, None, implementation="flash")
     with pytest.raises(ValueError, match="model.attention"):
         attention.resolve("cudnn", 8)
+    with pytest.raises(ValueError, match="cudnn_gpu' takes bfloat16 or float16"):
+        attention.attend(q, q, q, None, implementation="cudnn_gpu")
 
 
 @pytest.mark.parametrize("implementation", ["pallas_gpu", "splash_tpu"])
@@ -160,3 +206,27 @@ def test_kernels_run_per_shard_in_the_model_under_a_mesh(implementation):
         reference = forward("xla")(params, tokens, segment_ids)
         out = forward(implementation)(params, tokens, segment_ids)
     np.testing.assert_allclose(out, reference, atol=2e-5)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_cudnn_gpu_lowers_for_cuda_to_fused_attention_calls(monkeypatch, packed):
+    """Lowered for CUDA on the CPU: forward and backward are cuDNN's fused attention calls, and
+    packed rows pass the sequence lengths and offsets (7 forward operands) where plain causal
+    attention passes q, k, v alone. The GPU test checks the values."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)  # no cuDNN on the CPU
+    monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
+    q = jnp.zeros((B, T, N, H), jnp.bfloat16)
+    kv = jnp.zeros((B, T, HEADS["gqa"], H), jnp.bfloat16)
+    segment_ids = jnp.asarray(SEGMENTS, jnp.int32) if packed else None
+
+    def loss(q, k, v):
+        return jnp.sum(attention.attend(q, k, v, segment_ids, implementation="cudnn_gpu").astype(jnp.float32))
+
+    lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(lowering_platforms=("cuda",))
+    calls = [line for line in lowered.as_text().splitlines() if "stablehlo.custom_call @__cudnn$fmha" in line]
+    targets = [line.split("@")[1].split("(")[0] for line in calls]
+    assert targets == ["__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"], targets
+    forward_operands = calls[0].split("(", 1)[1].split(")")[0].split(", ")
+    assert len(forward_operands) == (7 if packed else 3), forward_operands
