@@ -6,8 +6,8 @@ Every update sees batch_size x seq_len tokens: pretraining and SFT as [B, T] row
 preference methods as B/2 pairs of [2, T]. DPO with a cached reference costs one forward and
 backward pass over its 2 x B/2 rows, the same work as a pretraining step; an online reference
 adds a forward pass (about a third more FLOPs). The updates take turns, two steps each per
-round with the second timed (`train.benchmark.time_interleaved`). Prints the median step time, tokens/s, the ratio
-to pretraining, and the compiled step's temporary memory.
+round with the second timed (`train.benchmark.time_interleaved`). Prints the median step
+time, tokens/s, the ratio to pretraining, and the compiled step's temporary memory.
 """
 
 from __future__ import annotations

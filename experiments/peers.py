@@ -10,9 +10,10 @@ Both sides run AdamW on random tokens on the default device (CPU here: both use 
 torch takes CUDA when it has it, with its fused AdamW), two warm-up steps, then `--steps` timed
 ones dispatched back to back as a training loop runs them (`train.benchmark.pipelined_intervals`:
 each step is queued before the one ahead of it is waited for); the medians are printed. Weights
-and optimizer state are float32; `--dtype=bfloat16` computes in bfloat16 (nanoGPT under `torch.autocast`, as its train.py does). nanoGPT runs eager
-and, with `--torch_compile`, under `torch.compile`. Needs the `test` extra (torch). On a GPU
-JAX must leave torch room: XLA_PYTHON_CLIENT_MEM_FRACTION=0.5.
+and optimizer state are float32; `--dtype=bfloat16` computes in bfloat16 (nanoGPT under
+`torch.autocast`, as its train.py does). nanoGPT runs eager and, with `--torch_compile`, under
+`torch.compile`. Needs the `test` extra (torch). On a GPU JAX must leave torch room:
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.5.
 GPT-2 124M as nanoGPT trains it: --n_layer=12 --n_head=12 --n_embd=768 --vocab_size=50304.
 The README's figures ran under GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (README, "Running
 experiments").
