@@ -1,5 +1,5 @@
 """The benchmark refuses settings it cannot run, with one line naming the flags, before timing;
-the scripts built on its flags load beside it."""
+the scripts built on its flags load beside it; it times steps as training runs them."""
 
 import os
 import pathlib
@@ -43,3 +43,24 @@ def test_scripts_sharing_the_benchmark_flags_define_each_flag_once(module):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr  # DuplicateFlagError on a flag defined twice
+
+
+def test_timed_steps_are_each_queued_before_the_one_ahead_is_waited_for():
+    """`pipelined_intervals` keeps one step in flight, as training does: the order of
+    dispatches and waits, and one interval per timed step. (A subprocess: train.benchmark's
+    flags would clash with other modules' in this process.)"""
+    script = (
+        "from train.benchmark import pipelined_intervals\n"
+        "events = []\n"
+        "def dispatch():\n"
+        "    events.append(('dispatch', sum(e[0] == 'dispatch' for e in events)))\n"
+        "    return events[-1][1]\n"
+        "times = pipelined_intervals(dispatch, lambda step: events.append(('wait', step)), 3)\n"
+        "print(len(times), all(t >= 0 for t in times), events)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    order = [("dispatch", 0), ("dispatch", 1), ("wait", 0), ("dispatch", 2), ("wait", 1), ("dispatch", 3),
+             ("wait", 2), ("wait", 3)]
+    assert result.stdout.strip() == f"3 True {order}"
