@@ -122,7 +122,7 @@ def nanogpt(directory: str, batch_size: int, seq_len: int, steps: int, compiled:
 def main(argv):
     del argv
     B, T, steps = FLAGS.batch_size, FLAGS.seq_len, FLAGS.steps
-    rows = [("lmx", ours(B, T, steps))]
+    rows = [(f"lmx ({model.attention.resolve(FLAGS.attention, T)})", ours(B, T, steps))]
     rows.append(("nanoGPT eager", nanogpt(_NANOGPT.value, B, T, steps, compiled=False)))
     if _TORCH_COMPILE.value:
         rows.append(("nanoGPT torch.compile", nanogpt(_NANOGPT.value, B, T, steps, compiled=True)))
