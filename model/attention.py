@@ -401,16 +401,20 @@ def _pallas_gpu(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block_q, block_k, interp
     return out[:, :T].astype(q_BTNH.dtype)
 
 
+def run_starts(segment_ids_BT):
+    """[B, T] bool: True where a run of equal segment ids begins (every row's first slot)."""
+    first_B1 = jnp.ones_like(segment_ids_BT[:, :1], bool)
+    return jnp.concatenate([first_B1, segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+
+
 def segment_runs(segment_ids_BT, max_runs: int):
     """Each row's runs of equal segment id in cuDNN's packed layout, for rows of at most
     `max_runs` runs: (lengths [B, max_runs], starts [B, max_runs + 1]), both int32 and -1 past
     the row's last run. Padding (id 0) is a run of its own, so every position is in one."""
-    B, T = segment_ids_BT.shape
-    is_start_BT = jnp.concatenate(
-        [jnp.ones((B, 1), bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1
-    )
+    T = segment_ids_BT.shape[1]
     # Run starts, then T: the length of the last run is T minus its start.
-    starts_BR = jax.vmap(lambda row: jnp.nonzero(row, size=max_runs + 1, fill_value=T)[0])(is_start_BT)
+    first_slots = lambda row: jnp.nonzero(row, size=max_runs + 1, fill_value=T)[0]
+    starts_BR = jax.vmap(first_slots)(run_starts(segment_ids_BT))
     lengths_BR = jnp.diff(starts_BR, axis=1)
     lengths_BR = jnp.where(starts_BR[:, :-1] < T, lengths_BR, -1)
     return lengths_BR.astype(jnp.int32), jnp.where(starts_BR < T, starts_BR, -1).astype(jnp.int32)

@@ -19,7 +19,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from model.attention import attend
+from model.attention import attend, run_starts
 from model.config import ModelConfig
 from model.sharding import constrain, param_shardings
 
@@ -330,11 +330,7 @@ def positions_from_segments(segment_ids_BT):
     """Position of every token within its segment (0 at each segment's first token)."""
     T = segment_ids_BT.shape[1]
     index_BT = jnp.broadcast_to(jnp.arange(T), segment_ids_BT.shape)
-    starts = jnp.concatenate(
-        [jnp.ones_like(segment_ids_BT[:, :1], bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]],
-        axis=1,
-    )
-    segment_start_BT = jax.lax.cummax(jnp.where(starts, index_BT, 0), axis=1)
+    segment_start_BT = jax.lax.cummax(jnp.where(run_starts(segment_ids_BT), index_BT, 0), axis=1)
     return index_BT - segment_start_BT
 
 
