@@ -142,7 +142,17 @@ def _wandb_run(workdir: epath.Path, project: str):
 def _summary_writer(directory, **kwargs):
     """A tensorboardX writer whose event files on an object store go through epath (tensorboardX's
     own writers for gs:// and s3:// need clients of their own)."""
-    from tensorboardX import SummaryWriter, record_writer
+    # tensorboardX imports torch when it is installed, only to accept torch tensors, which are
+    # never logged here: hiding it saves 2 s at the start of every run (2.9 s against 0.9 s to
+    # import tensorboardX on the 2-core CPU, torch 2.13 installed).
+    hide_torch = "torch" not in sys.modules
+    if hide_torch:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError
+    try:
+        from tensorboardX import SummaryWriter, record_writer
+    finally:
+        if hide_torch:
+            del sys.modules["torch"]
 
     for scheme in ("gs", "s3"):
         record_writer.register_writer_factory(scheme, _ObjectStoreEvents())

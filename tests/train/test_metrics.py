@@ -1,9 +1,13 @@
 """The metrics file on resume: one row per step, a row cut short by a kill dropped. The
-console: a redrawn bar on a terminal, plain lines otherwise."""
+console: a redrawn bar on a terminal, plain lines otherwise. TensorBoard and W&B get what is
+logged; the TensorBoard writer leaves torch unimported."""
 
 import io
 import json
+import pathlib
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -85,6 +89,22 @@ def test_hyperparameters_reach_tensorboard(tmp_path):
     assert hparams["model.norm"].string_value == "rms"
     assert hparams["train.profile_steps"].string_value == "[2, 3]"
     assert '"steps": 5' in values["config/text_summary"].tensor.string_val[0].decode()
+
+
+def test_the_tensorboard_writer_leaves_torch_unimported(tmp_path):
+    """tensorboardX imports torch when it can (2 s); a run never needs it, and a later import
+    of torch still works."""
+    script = (
+        "import sys; from train.metrics import MetricsWriter\n"
+        f"MetricsWriter(__import__('pathlib').Path({str(tmp_path)!r}), resume_step=0).close()\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "import torch; print(torch.tensor([2.0]).item())\n"
+    )
+    root = pathlib.Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "2.0"
+    assert list((tmp_path / "tensorboard").iterdir())
 
 
 def _wandb_records(path):
