@@ -53,7 +53,9 @@ def evaluate(eval_step, params, corpus, cfg, mesh) -> dict[str, float]:
     return {
         "eval_loss": loss,
         "eval_perplexity": math.exp(min(loss, 50.0)),
-        "eval_bits_per_byte": loss / math.log(2) / corpus.bytes_per_token,
+        # Every target of the split is scored, each document's EOS included: the nats of the
+        # whole text over its UTF-8 bytes, as train/evaluate.py counts them.
+        "eval_bits_per_byte": loss_sum / math.log(2) / corpus.report["splits"]["val"]["bytes"],
         "eval_tokens": tokens,
     }
 

@@ -83,8 +83,14 @@ def test_loss_decreases_and_outputs_are_written(uninterrupted):
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert np.mean([losses[s] for s in range(51, 61)]) < losses[1] - 1.0
     assert final["eval_loss"] < losses[1] - 1.0
-    bytes_per_token = pipeline.open_corpus(_data_config(workdir)).bytes_per_token
-    assert final["eval_bits_per_byte"] == pytest.approx(final["eval_loss"] / np.log(2) / bytes_per_token, rel=1e-6)
+    # Bits per byte: the nats of every validation target over the bytes of the decoded text.
+    corpus = pipeline.open_corpus(_data_config(workdir))
+    val = corpus.split("val")
+    documents = [val.document(i) for i in range(val.num_documents)]
+    assert final["eval_tokens"] == sum(len(d) - 1 for d in documents)
+    text_bytes = sum(len(text.encode()) for text in corpus.tokenizer.decode(documents))
+    nats = final["eval_loss"] * final["eval_tokens"]
+    assert final["eval_bits_per_byte"] == pytest.approx(nats / np.log(2) / text_bytes, rel=1e-6)
     for name in ("loss_curve.png", "samples.txt", "config.json"):
         assert (workdir / name).stat().st_size > 0
     from tests.train.test_metrics import _events
