@@ -123,6 +123,13 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int, n_processes: int) -
         "train.profile_steps", f"expected () or (first, last) with 1 <= first <= last <= train.steps={t.steps}",
     )
     require(cfg.optimizer.schedule in SCHEDULES, "optimizer.schedule", f"expected one of {SCHEDULES}")
+    if cfg.optimizer.schedule == "wsd":
+        after_warmup = t.steps - cfg.optimizer.warmup_steps
+        require(
+            0 < round(cfg.optimizer.decay_fraction * t.steps) <= after_warmup, "optimizer.decay_fraction",
+            f"must decay over at least one and at most the {after_warmup} steps after warmup "
+            f"(train.steps={t.steps}, optimizer.warmup_steps={cfg.optimizer.warmup_steps})",
+        )
     require(cfg.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be positive")
     require(cfg.checkpoint.keep > 0, "checkpoint.keep", "must be positive")
 

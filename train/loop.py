@@ -27,7 +27,7 @@ from etils import epath
 from train import workdir as workdir_lib
 from train.checkpoint import Checkpointer
 from train.metrics import MetricsWriter, Progress, peak_flops_per_device
-from train.optimizer import learning_rate_schedule
+from train.optimizer import applied_learning_rate, learning_rate_schedule
 from train.state import TrainState
 from train.step import batch_sharding
 
@@ -120,7 +120,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: epath.Path, mesh, job: Job) -> 
         if step % cfg.train.log_every and step != steps:
             return
         row = {k: v.item() for k, v in values.items() if k not in _UNLOGGED}
-        row["lr"] = float(schedule(step - 1))
+        row["lr"] = applied_learning_rate(schedule, step, values["nonfinite_steps"], values["finite"])
         if step > timer["step"]:
             step_time = (now - timer["time"]) / (step - timer["step"])
             row.update(step_time=step_time, tokens_per_s=job.tokens_per_step / step_time)

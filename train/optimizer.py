@@ -34,6 +34,14 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> 
     return optax.join_schedules([warmup_fn, decay], [warmup])
 
 
+def applied_learning_rate(schedule: optax.Schedule, step: int, nonfinite_steps: int, finite: bool) -> float:
+    """The learning rate update `step` (counted from 1) applied, 0 for a skipped one. A skipped
+    update leaves the optimizer state as it was, the schedule's count included (as
+    optax.apply_if_finite does), so each of the `nonfinite_steps` so far puts the schedule one
+    step behind the step number."""
+    return float(schedule(step - 1 - nonfinite_steps)) if finite else 0.0
+
+
 def weight_decay_mask(params):
     """Decay matrices (kernels and embeddings); not norm scales or biases. Decided by
     name, since layer stacking gives norm scales two dimensions too."""

@@ -1,5 +1,7 @@
 """The train step: accumulation, sharding, non-finite handling, optimizer pieces."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -9,8 +11,8 @@ import pytest
 import model
 from model import sharding
 from train import optimizer as optim
-from train.state import create_state
-from train.step import compile_steps, token_losses
+from train.state import create_state, init_state
+from train.step import LossOutput, compile_steps, token_losses, train_step
 
 CONFIG = model.ModelConfig(
     vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=32,
@@ -106,6 +108,30 @@ def test_nonfinite_update_is_skipped_and_counted():
     after = jax.device_get(new_state.params)
     np.testing.assert_array_equal(after["head"], before["head"])
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(new_state.opt_state), opt_before)
+
+
+def test_the_logged_learning_rate_is_the_one_each_update_applied():
+    """With b1 = b2 = 0 Adam's update is the gradient's sign, so one scalar parameter moves by
+    exactly the learning rate; the second update is non-finite and skipped."""
+    cfg = ml_collections.ConfigDict(dict(OPT, lr=1.0, min_lr_ratio=0.0, warmup_steps=0, schedule="linear",
+                                         b1=0.0, b2=0.0, eps=1e-30, weight_decay=0.0, clip_norm=0.0))
+    tx = optim.make_optimizer(cfg, total_steps=10)
+    schedule = optim.learning_rate_schedule(cfg, total_steps=10)
+
+    def loss_fn(params, frozen, batch, rng):
+        objective = params["w"] * jnp.where(batch["poison"][0], jnp.nan, 1.0)
+        return LossOutput(objective, jnp.float32(1.0), {})
+
+    step_fn = jax.jit(functools.partial(train_step, loss_fn=loss_fn, optimizer=tx, microbatches=1))
+    state = init_state({"w": jnp.float32(0.0)}, tx, seed=0)
+    logged, moved = [], []
+    for step, poison in enumerate([False, True, False, False], start=1):
+        w = float(state.params["w"])
+        state, metrics = step_fn(state, {"poison": np.array([poison])})
+        moved.append(w - float(state.params["w"]))
+        logged.append(optim.applied_learning_rate(schedule, step, int(metrics["nonfinite_steps"]), bool(metrics["finite"])))
+    np.testing.assert_allclose(moved, [1.0, 0.0, 0.9, 0.8], atol=1e-6)
+    np.testing.assert_allclose(logged, moved, atol=1e-6)
 
 
 def test_weight_decay_skips_norms_and_biases():
