@@ -70,8 +70,9 @@ def _filter_logits(logits_BV, s: Sampling):
     kth_B = jnp.take(sorted_BV, k - 1, axis=-1)
     probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
     mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-    # Nucleus: the smallest prefix of the sorted tokens whose mass reaches top_p.
-    nucleus_BV = mass_before_BV < s.top_p
+    # Nucleus: the smallest prefix of the sorted tokens whose mass reaches top_p, and at least
+    # the most likely token, so that top_p 0 is greedy rather than an empty set.
+    nucleus_BV = (mass_before_BV < s.top_p) | (jnp.arange(V) == 0)
     nucleus_min_B = jnp.min(jnp.where(nucleus_BV, sorted_BV, jnp.inf), axis=-1)
     min_p_B = sorted_BV[:, 0] + jnp.log(jnp.maximum(s.min_p, 1e-30))
     threshold_B = jnp.maximum(jnp.maximum(kth_B, nucleus_min_B), jnp.where(s.min_p > 0, min_p_B, -jnp.inf))
@@ -288,8 +289,11 @@ def _beam_search(config, params, prompts_BP, lengths_B, budget, eos_id, length_p
         }
 
     state = jax.lax.while_loop(keep_going, step, state)
-    # Prompts with fewer than W finished hypotheses also rank their alive ones (at full length).
+    # A prompt that ran to the budget also ranks its alive hypotheses (at full length). A done
+    # one ranks only its finished ones, as it would alone: its alive ones went on only because
+    # other prompts kept the loop running.
     alive_normalized = state["alive_scores"] / jnp.maximum(state["step"], 1.0) ** length_penalty
+    alive_normalized = jnp.where(state["done"][:, None], -jnp.inf, alive_normalized)
     scores = jnp.concatenate([state["finished_scores"], alive_normalized], axis=1)
     tokens = jnp.concatenate([state["finished_tokens"], state["alive_tokens"]], axis=1)
     best = jnp.argmax(scores, axis=1)

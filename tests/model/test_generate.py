@@ -96,6 +96,18 @@ def test_filters_never_sample_outside_their_set(sampling, allowed):
     assert seen == allowed
 
 
+@pytest.mark.parametrize(
+    "sampling",
+    [Sampling(temperature=1.0, top_k=1), Sampling(temperature=1.0, top_p=0.0), Sampling(temperature=1.0, min_p=1.0)],
+)
+def test_the_narrowest_filters_keep_the_most_likely_token(sampling):
+    """top_k 1, top_p 0 and min_p 1 each leave only the most likely token (id 2, not id 0)."""
+    logits = jnp.log(jnp.asarray([[0.1, 0.2, 0.4, 0.3]]))
+    keys = jax.random.split(jax.random.key(1), 500)
+    draw = jax.jit(jax.vmap(lambda k: next_token(logits, jnp.zeros_like(logits), k, sampling.as_arrays())[0]))
+    assert set(np.unique(np.asarray(draw(keys))).tolist()) == {2}
+
+
 def test_penalties_discourage_repeats(params):
     prompts = [[5, 9, 11]]
     plain = generate(CONFIG, params, prompts, max_new_tokens=20).tokens[0]
@@ -127,6 +139,21 @@ def test_beam_search_with_one_beam_is_greedy(params):
     assert tokens == greedy
     logprobs = generate(CONFIG, params, prompts, max_new_tokens=6, eos_id=7).logprobs
     np.testing.assert_allclose(scores, [sum(row) for row in logprobs], atol=1e-4)
+
+
+def test_beam_search_of_a_finished_prompt_does_not_depend_on_its_batch(params):
+    """Prompt 0 emits EOS after three tokens while prompt 1 runs to the budget. Length penalty 2
+    favours long hypotheses, so a beam of prompt 0 carried on past its end would outrank the
+    finished one; one beam must still be greedy, and prompt 0 must decode as it does alone."""
+    prompts = [[5, 9, 11], [7, 3, 2, 8, 1]]
+    eos = generate(CONFIG, params, prompts[:1], max_new_tokens=3).tokens[0][-1]
+    greedy = generate(CONFIG, params, prompts, max_new_tokens=12, eos_id=eos)
+    assert len(greedy.tokens[0]) == 3 and len(greedy.tokens[1]) == 12
+    tokens, scores = beam_search(CONFIG, params, prompts, max_new_tokens=12, beams=1, length_penalty=2.0, eos_id=eos)
+    assert tokens == greedy.tokens
+    np.testing.assert_allclose(scores, [sum(row) / len(row) ** 2 for row in greedy.logprobs], atol=1e-4)
+    alone, _ = beam_search(CONFIG, params, prompts[:1], max_new_tokens=12, beams=1, length_penalty=2.0, eos_id=eos)
+    assert alone == tokens[:1]
 
 
 def test_beam_search_finds_the_best_sequence_by_exhaustive_search(params):
