@@ -114,6 +114,12 @@ def validate(cfg, n_devices: int, n_processes: int) -> None:
         cfg.dpo.reference in ("online", "cached", "none"), "dpo.reference", cfg.dpo.reference,
         "expected 'online', 'cached' or 'none'",
     )
+    require(cfg.dpo.beta > 0, "dpo.beta", cfg.dpo.beta, "must be positive (ipo divides by it)")
+    require(
+        0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing", cfg.dpo.label_smoothing,
+        "must be in [0, 0.5): at 0.5 the labels carry no information",
+    )
+    require(cfg.kto.beta > 0, "kto.beta", cfg.kto.beta, "must be positive")
     require(
         cfg.data.max_prompt_len < cfg.train.seq_len, "data.max_prompt_len", cfg.data.max_prompt_len,
         f"must be below train.seq_len={cfg.train.seq_len}, to leave room for the response",
@@ -138,6 +144,7 @@ def validate(cfg, n_devices: int, n_processes: int) -> None:
             (rows // r.minibatches) % n_devices == 0, "rl.minibatches", r.minibatches,
             f"a minibatch of {rows // r.minibatches} rows does not split over {n_devices} devices",
         )
+        require(r.kl_horizon > 0, "rl.kl_horizon", r.kl_horizon, "must be positive (the adaptive KL controller divides by it)")
         require(r.kl_estimator in rl.KL_ESTIMATORS, "rl.kl_estimator", r.kl_estimator, f"expected one of {rl.KL_ESTIMATORS}")
         require(r.grpo_scale in rl.GRPO_SCALES, "rl.grpo_scale", r.grpo_scale, f"expected one of {rl.GRPO_SCALES}")
         require(

@@ -12,9 +12,13 @@ loss_mask[t] is 1 exactly where targets[t] is a response token or the EOS that e
 
 Rows hold at most seq_len + 1 tokens. The prompt keeps its last max_prompt_len tokens (the end is
 what the response answers) and the response its start; a cut response loses its EOS, since it
-did not end there. As max_prompt_len < seq_len, every example keeps at least one response
-token. A preference pair whose chosen and rejected are the same tokens after truncation carries
-no signal and is dropped. The report of `load` counts truncations and drops.
+did not end there. A reward model reads a preference row's inputs up to its last response token,
+which a cut response's row would hold only as a target: so a cut preference response keeps one
+token fewer and ends with CUT in place of EOS, and its row has that token as its last input, with
+no target. As max_prompt_len < seq_len, every example keeps at least one response token. A
+preference pair whose chosen and rejected read the same tokens after truncation (all but the
+final EOS or CUT) carries no signal for a reward model and is dropped. The report of `load`
+counts truncations and drops.
 
 Batches, int32 unless stated (B batch, T seq_len). Padding is all zeros: the PAD id 0, segment
 id 0, position 0, no loss.
@@ -23,7 +27,8 @@ id 0, position 0, no loss.
   preference  the same keys [B, 2, T], one example per row, right-padded; 0 chosen, 1 rejected
   kto         the same keys [B, 2, T]: 0 is (prompt i, completion i), 1 the mismatched
               (prompt i, completion i+1 mod B) whose log-ratio estimates KTO's reference point,
-              as TRL does; label float32 [B], 1 desirable
+              as TRL does; in eval batches i+1 is of the whole set (mod its size), as an eval
+              batch may hold a single example; label float32 [B], 1 desirable
 Fields attached with `with_field` come stacked as [B, ...] (preference and KTO). Eval batches add
 `valid` [B]: 1 for a row of data, 0 for a padding row.
 """
@@ -54,6 +59,8 @@ _EXPECTED = {
     "kto": "prompt and completion strings and a bool label",
 }
 ROW_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+# Ends a preference response cut to fit, in place of EOS; no token id is negative.
+CUT = np.int32(-1)
 CHAT_HEADERS = {"system": "System: ", "user": "User: ", "assistant": "Assistant: "}
 _TURN_END = "\n\n"
 _JSONL_SUFFIXES = (".jsonl", ".json")
@@ -98,7 +105,8 @@ def load(
       kto         prompt, completion, label (true: desirable)
     A prompt may be empty; a response, chosen, rejected or completion may not. An example is a
     dict of int32 arrays: prompt ([BOS] and the kept prompt tokens) and each response's kept
-    tokens (with EOS unless cut), plus KTO's float32 label.
+    tokens (with EOS unless cut; a cut preference response ends with CUT), plus KTO's float32
+    label.
     """
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {KINDS}")
@@ -126,7 +134,7 @@ def load(
         "examples_read": len(texts),
         "examples": len(examples),
         **counts,
-        "tokens": sum(e[f].size for e in examples for f in ("prompt", *_RESPONSES[kind])),
+        "tokens": sum(int(np.sum(e[f] != CUT)) for e in examples for f in ("prompt", *_RESPONSES[kind])),
         "max_prompt_len": cfg.max_prompt_len,
         "seq_len": seq_len,
     }
@@ -227,9 +235,13 @@ def _tokenize(kind, texts, tokenizer, max_prompt_len, seq_len) -> tuple[list[dic
         room = seq_len + 1 - example["prompt"].size  # at least 1, as max_prompt_len < seq_len
         for field in _RESPONSES[kind]:
             response = np.append(responses[field][i], eos).astype(np.int32)
-            responses_truncated += response.size > room
+            is_cut = response.size > room
+            responses_truncated += is_cut
+            if is_cut and kind == "preference":
+                response = np.append(response[: room - 1], CUT)
             example[field] = response[:room]
-        if kind == "preference" and np.array_equal(example["chosen"], example["rejected"]):
+        # What a reward model reads: all but the final EOS or CUT.
+        if kind == "preference" and np.array_equal(example["chosen"][:-1], example["rejected"][:-1]):
             dropped["identical_chosen_and_rejected"] += 1
             continue
         if kind == "kto":
@@ -362,9 +374,16 @@ def eval_batches(
         in_order = in_order.to_iter_dataset(_READ_IN_PLACE)
         units = list(packing.pack(in_order, "columns", seq_len, PAD_ID, seed=0, shuffle_bins=False))
         make_batch = lambda rows: _split_columns(_stack(rows))
+    elif kind == "kto":
+        if len(examples) == 1:
+            raise ValueError("1 kto example: KTO's mismatched pairs need 2 examples")
+        # Each example with the next of the whole set, whose completion its mismatched row takes:
+        # the next of its batch would be itself in a batch that holds one example.
+        units = list(zip(examples, examples[1:] + examples[:1]))
+        make_batch = lambda pairs: _kto_batch(*zip(*pairs), seq_len=seq_len)
     else:
         units = examples
-        make_batch = functools.partial(_BATCH_FNS[kind], seq_len=seq_len)
+        make_batch = functools.partial(_preference_batch, seq_len=seq_len)
     per_global_batch = batch_size * shard_count
     for start in range(0, len(units), per_global_batch):
         first = start + shard_index * batch_size
@@ -407,7 +426,8 @@ def _split_columns(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _row(prompt: np.ndarray, response: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
-    """One right-padded row of prompt (from BOS) and response, the response cut to fit."""
+    """One right-padded row of prompt (from BOS) and response, the response cut to fit; a
+    response ending with CUT has its last token as the last input, with no target."""
     tokens = np.concatenate([prompt, response])[: seq_len + 1]
     n = tokens.size - 1
     row = {key: np.zeros(seq_len, np.int32) for key in ROW_KEYS}
@@ -415,6 +435,8 @@ def _row(prompt: np.ndarray, response: np.ndarray, seq_len: int) -> dict[str, np
     row["segment_ids"][:n] = 1
     row["positions"][:n] = np.arange(n)
     row["loss_mask"][prompt.size - 1 : n] = 1
+    if tokens[-1] == CUT:
+        row["targets"][n - 1] = row["loss_mask"][n - 1] = 0
     return row
 
 
@@ -440,14 +462,18 @@ def _preference_batch(examples: Sequence[dict], seq_len: int) -> dict[str, np.nd
     return {**_stack_pairs(pairs), **_extras(examples, "preference")}
 
 
-def _kto_batch(examples: Sequence[dict], seq_len: int) -> dict[str, np.ndarray]:
-    """Row 1 of example i: its prompt with example i+1's completion (mod the batch), cut to fit.
+def _kto_batch(
+    examples: Sequence[dict], following: Sequence[dict] | None = None, *, seq_len: int
+) -> dict[str, np.ndarray]:
+    """Row 1 of example i: its prompt with following[i]'s completion, cut to fit; by default
+    following[i] is example i+1 of the batch (mod its size).
 
     Built here from the separately tokenized parts, so the mismatched rows change with every
     reshuffle, as the matched ones do.
     """
     examples = list(examples)
-    following = examples[1:] + examples[:1]
+    if following is None:
+        following = examples[1:] + examples[:1]
     pairs = [
         (_row(e["prompt"], e["completion"], seq_len), _row(e["prompt"], f["completion"], seq_len))
         for e, f in zip(examples, following)

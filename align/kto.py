@@ -2,8 +2,11 @@
 desirable or undesirable.
 
 A batch holds [B, 2, T] rows: index 0 is (prompt i, completion i), index 1 the mismatched
-(prompt i, completion i+1) whose policy/reference log-ratio, averaged over the batch, estimates
-the reference point z0, as TRL does. The reference policy is frozen (the base under LoRA).
+(prompt i, completion i+1) whose policy/reference log-ratio, averaged over the micro-batch (the
+global micro-batch under data parallelism), estimates the reference point z0, as TRL does per
+accumulation step. So with train.microbatches = k each micro-batch has its own z0, and the
+update is not exactly that of one batch k times as large. The reference policy is frozen (the
+base under LoRA).
 """
 
 from __future__ import annotations

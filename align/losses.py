@@ -78,9 +78,11 @@ def kto_loss(
     """KTO (Ethayarajh et al. 2024, as TRL implements it) -> (losses, rewards, kl).
 
     The reference point z0 = max(0, mean_B(policy_kl_logps - ref_kl_logps)), estimated from
-    mismatched prompt/completion pairs and held without gradient. It is a mean over the whole
-    batch: under data parallelism it must cover the global batch, which a jit'ed function over
-    a sharded batch computes as written. With r = policy_logps - ref_logps:
+    mismatched prompt/completion pairs and held without gradient. It is a mean over the rows
+    passed in: in a train step, the micro-batch (the global micro-batch under data parallelism,
+    which a jit'ed function over a sharded batch computes as written), as TRL estimates it per
+    accumulation step. So each of train.microbatches = k micro-batches has its own z0, and the
+    update is not exactly that of one batch k times as large. With r = policy_logps - ref_logps:
 
         desirable   (label 1)  desirable_weight   * (1 - σ(β (r - z0)))
         undesirable (label 0)  undesirable_weight * (1 - σ(β (z0 - r)))

@@ -186,14 +186,18 @@ def test_packing_keeps_every_example_once_across_shards(tok, words, tmp_path):
 
 def test_preference_batches_hold_chosen_then_rejected(tok, words, tmp_path):
     examples, _ = _load("preference", tok, _write(tmp_path, _records("preference", words, 12)))
-    by_tokens = {tuple(np.concatenate([e["prompt"], e["chosen"]]).tolist()): e for e in examples}
+
+    def row_tokens(example, field):  # a cut response's final CUT is no target: padding there
+        tokens = np.concatenate([example["prompt"], example[field]])
+        return tuple(np.where(tokens == data.CUT, 0, tokens).tolist())
+
+    by_tokens = {row_tokens(e, "chosen"): e for e in examples}
     batch = next(data.preference_iterator(examples, seq_len=T, batch_size=4, seed=1))
     assert set(batch) == set(ROW_KEYS)
     assert all(v.shape == (4, 2, T) and v.dtype == np.int32 for v in batch.values())
     for i in range(4):
         (chosen, _), (rejected, _) = _segments({k: batch[k][i] for k in ROW_KEYS})
-        example = by_tokens[chosen]
-        assert rejected == tuple(np.concatenate([example["prompt"], example["rejected"]]).tolist())
+        assert rejected == row_tokens(by_tokens[chosen], "rejected")
 
 
 def test_kto_rows_pair_each_prompt_with_the_next_completion(tok, words, tmp_path):
@@ -216,6 +220,32 @@ def test_kto_rows_pair_each_prompt_with_the_next_completion(tok, words, tmp_path
             assert rows[i][1] == (tuple(tokens), tuple(tokens[len(prompt) :]))
             assert batch["label"][i] == matched[i]["label"]
     assert cut > 0
+
+
+def test_a_cut_preference_response_is_all_inputs_and_pairs_compare_what_they_read(tok, words, tmp_path):
+    """A reward model reads a row's inputs up to the last response token: a cut response keeps
+    only tokens its row holds as inputs, and a pair whose kept tokens agree is dropped."""
+    shared = " ".join(words[:2])
+    alike = {"chosen": f"{shared} yes", "rejected": f"{shared} no"}
+    apart = {"chosen": f"yes {shared}", "rejected": f"no {shared}"}
+    chosen_ids, rejected_ids = tok.encode(list(alike.values()))
+    kept = next(i for i, (c, r) in enumerate(zip(chosen_ids, rejected_ids)) if c != r)
+    # The prompt fills max_prompt_len + 1 tokens, so a response fits `kept` tokens and its EOS:
+    # `alike` differs in the first token past what a cut response keeps.
+    max_prompt_len = T - kept - 1
+    prompt = " ".join(words[10:60])
+    records = [{"prompt": prompt, **alike}, {"prompt": prompt, **apart}]
+    examples, report = _load("preference", tok, _write(tmp_path, records), max_prompt_len=max_prompt_len)
+    assert report["dropped"] == {"identical_chosen_and_rejected": 1} and report["responses_truncated"] == 4
+    batch = next(data.eval_batches(examples, "preference", seq_len=T, batch_size=1))
+    prompt_ids = [BOS, *tok.encode([prompt])[0][-max_prompt_len:]]
+    for row, text in enumerate(apart.values()):
+        response = tok.encode([text])[0][:kept]
+        inputs, targets, segment_ids, positions, loss_mask = (batch[k][0, row] for k in ROW_KEYS)
+        assert inputs.tolist() == prompt_ids + response and segment_ids.tolist() == [1] * T
+        assert positions.tolist() == list(range(T))
+        assert targets[loss_mask > 0].tolist() == response  # the last input has no target
+        assert targets.tolist() == [*inputs[1:], 0]
 
 
 @pytest.mark.parametrize("kind", data.KINDS)
@@ -251,7 +281,8 @@ def test_attached_fields_flow_into_batches(tok, words, tmp_path):
     assert batches[0]["reference_logps"].dtype == np.float32
     in_order = np.concatenate([b["reference_logps"] for b in batches])
     np.testing.assert_array_equal(in_order, np.concatenate([logps, np.zeros((3, 2))]))  # padded
-    index_of = {tuple(e["chosen"].tolist()): i for i, e in enumerate(examples)}
+    # Keyed by the chosen tokens a row scores: all but a cut response's final CUT.
+    index_of = {tuple(e["chosen"][e["chosen"] != data.CUT].tolist()): i for i, e in enumerate(examples)}
     batch = next(data.preference_iterator(examples, seq_len=T, batch_size=4, seed=2))
     for i in range(4):
         chosen = _segments({k: batch[k][i] for k in ROW_KEYS})[0][1]
@@ -282,6 +313,20 @@ def test_eval_batches_cover_the_examples_once_in_order_across_processes(kind, to
         assert row.tolist() == [*tokens[:-1], *[0] * (T + 1 - tokens.size)]
     assert not np.any(gather("loss_mask")[valid == 0])
     assert not np.any(gather("segment_ids")[valid == 0])
+
+
+def test_kto_eval_rows_take_the_next_completion_of_the_whole_set(tok, words, tmp_path):
+    """The last eval batch holds one example: its mismatched row takes the first example's
+    completion, not its own."""
+    examples, _ = _load("kto", tok, _write(tmp_path, _records("kto", words, 5)))
+    batches = list(data.eval_batches(examples, "kto", seq_len=T, batch_size=4))
+    assert [b["valid"].tolist() for b in batches] == [[1, 1, 1, 1], [1, 0, 0, 0]]
+    mismatched = np.concatenate([b["inputs"][:, 1] for b in batches])[:5]
+    for i, row in enumerate(mismatched):
+        tokens = np.concatenate([examples[i]["prompt"], examples[(i + 1) % 5]["completion"]])[: T + 1]
+        assert row.tolist() == [*tokens[:-1], *[0] * (T + 1 - tokens.size)]
+    with pytest.raises(ValueError, match=r"1 kto example: KTO's mismatched pairs need 2 examples"):
+        list(data.eval_batches(examples[:1], "kto", seq_len=T, batch_size=4))
 
 
 BAD_LINES = [

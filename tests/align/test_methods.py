@@ -1,6 +1,7 @@
 """The methods' losses and updates on a tiny model: values at initialization, what the masks
 exclude, one 2B pass against two passes, the reward head's last token, LoRA's trainable leaves."""
 
+import json
 import math
 
 import flax.linen as nn
@@ -11,7 +12,7 @@ import pytest
 
 import model
 from align.config import method_config as _cfg
-from align import dpo, kto, reward, sft, trees
+from align import data, dpo, kto, online, reward, sft, trees
 from align.logprobs import response_logps
 from model import sharding
 from train.optimizer import make_optimizer
@@ -138,6 +139,41 @@ def test_reward_is_read_at_the_last_real_token_under_left_and_right_padding():
     expected = float(np.asarray(hidden, np.float64) @ np.asarray(params["score"]["w"], np.float64) + float(params["score"]["b"]))
     np.testing.assert_allclose(r, [expected, expected], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(reward.last_token_index(batch["segment_ids"]), [n - 1, T - 1])
+
+
+class _IdTokenizer:
+    """Texts of space-separated token ids."""
+
+    bos_id, eos_id = 2, 3
+
+    def encode_arrays(self, texts):
+        return [np.asarray([int(t) for t in text.split()], np.int32) for text in texts]
+
+
+def test_a_cut_response_is_read_at_its_last_kept_token_in_pairs_and_rollouts(tmp_path):
+    """A response cut to fit its row gets the reward of the prompt and the response tokens the
+    row keeps, both as a training pair (align/data.py) and as a rollout without EOS."""
+    cfg = _cfg("reward")
+    params, frozen = _trees(cfg)
+    path = tmp_path / "pairs.jsonl"
+    rng = np.random.default_rng(0)
+    long_response = lambda: " ".join(map(str, rng.integers(4, 64, size=2 * T)))
+    path.write_text(json.dumps({"prompt": "17 5", "chosen": long_response(), "rejected": long_response()}) + "\n")
+    data_cfg = data.default_config()
+    data_cfg.update(train_paths=(str(path),), max_prompt_len=4)
+    examples, _ = data.load("preference", data_cfg, _IdTokenizer(), split="train", seq_len=T)
+    batch = next(data.eval_batches(examples, "preference", seq_len=T, batch_size=1))
+    kept = batch["targets"][0, 0][batch["loss_mask"][0, 0] > 0]  # the response tokens it scores
+    tokens = np.concatenate([[2, 17, 5], kept])
+    hidden = model.hidden_states(CONFIG, params["model"], tokens[None])[0, -1]
+    expected = float(np.asarray(hidden, np.float64) @ np.asarray(params["score"]["w"], np.float64) + float(params["score"]["b"]))
+    paired = float(reward.rewards(cfg, CONFIG, params, frozen, batch)[0, 0])
+    prompts = np.asarray([[0, 0, 2, 17, 5]], np.int32)  # left-padded, as a rollout's
+    mask, ended = online.response_mask(kept[None], eos_id=3)
+    rows = online.reward_model_rows(prompts, np.asarray([3], np.int32), kept[None], mask, eos_id=3)
+    rollout = float(reward.rewards(cfg, CONFIG, params, frozen, rows)[0])
+    assert not ended[0] and kept.size > 1
+    np.testing.assert_allclose([paired, rollout], [expected, expected], rtol=1e-5, atol=1e-6)
 
 
 def _train(cfg, steps, batch):

@@ -309,6 +309,9 @@ def test_a_run_starts_from_hugging_face_weights_with_their_tokenizer(pretrained,
         ("dpo.reference", "model", r"config.dpo.reference='model'"),
         ("data.max_prompt_len", 24, r"config.data.max_prompt_len=24: must be below train.seq_len=24"),
         ("lora.rank", -1, r"config.lora.rank=-1"),
+        ("dpo.beta", 0.0, r"config.dpo.beta=0.0: must be positive"),
+        ("dpo.label_smoothing", 0.5, r"config.dpo.label_smoothing=0.5: must be in \[0, 0.5\)"),
+        ("kto.beta", -0.1, r"config.kto.beta=-0.1: must be positive"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, key, value, message):
@@ -327,6 +330,7 @@ def test_config_errors_name_the_key(tmp_path, key, value, message):
         ("rl.samples_per_prompt", 1, r"config.rl.samples_per_prompt=1: GRPO compares samples of one prompt"),
         ("task.name", "", r"config.task.name='': grpo takes its prompts and rewards from a task"),
         ("rl.value_init", "reward_model", r"config.rl.value_init='reward_model': needs rl.reward_model"),
+        ("rl.kl_horizon", 0, r"config.rl.kl_horizon=0: must be positive"),
     ],
 )
 def test_online_config_errors_name_the_key(tmp_path, key, value, message):
