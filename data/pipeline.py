@@ -28,7 +28,9 @@ from data.packing import eval_batches, train_iterator
 
 __all__ = ["Corpus", "default_config", "eval_batches", "open_corpus", "train_iterator"]
 
-_CACHE_FORMAT = 2
+# Part of the cache key: raised whenever the same settings would prepare different tokens, so
+# that no cache written before is taken for the new output.
+_CACHE_FORMAT = 3
 MANIFEST = "manifest.json"
 EXECUTORS = ("local", "ray", "slurm")
 # Settings that change how the work is done, not what it produces.

@@ -300,11 +300,18 @@ def full_signature_dtype(num_perm: int) -> np.dtype:
 
 
 class VerifiedClusters(PipelineStep):
-    """MinHash stage 3 (one task): the candidate pairs of datatrove's bucket stage whose whole
-    signatures agree on at least `threshold` of their slots are joined into clusters, and every
+    """MinHash stage 3 (one task): documents whose whole signatures agree on at least
+    `threshold` of their slots, among those sharing a band, are joined into clusters, and every
     document of a cluster but the first (lowest task, then lowest index) is listed in
     `<task>.remove` for datatrove's MinhashDedupFilter. datatrove's own stage 3 joins every
-    candidate, so pairs well below the threshold that share one band would be removed too."""
+    candidate, so pairs well below the threshold that share one band would be removed too.
+
+    datatrove's bucket stage writes, for the k documents sharing a band's value, only the k - 1
+    pairs of neighbours in its sort order: a chain. Checking only those pairs, a dissimilar
+    document between two near-duplicates would keep them apart. So each chain is rebuilt, and
+    each of its documents is checked against its neighbour and against the first document of
+    every cluster the chain's earlier documents belong to: one check per cluster, not per pair,
+    as a band's value shared by thousands of boilerplate files is one cluster."""
 
     name = "🎯 MinHash verified clusters"
     type = "🫂 - DEDUP"
@@ -327,25 +334,31 @@ class VerifiedClusters(PipelineStep):
         return records["signature"][np.searchsorted(records["document"], document)]
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1):
-        files = sorted(pathlib.Path(self.pairs).glob("*.dups"))
-        pairs = np.concatenate([np.fromfile(f, dtype="<u4").reshape(-1, 4) for f in files] or [np.zeros((0, 4), "<u4")])
-        parent = {}
+        parent, cache = {}, {}
+        candidates, verified = 0, 0
 
         def root(node):
             while parent.get(node, node) != node:
                 node = parent[node]
             return node
 
-        cache, verified = {}, 0
-        for task_a, document_a, task_b, document_b in pairs.tolist():
-            a, b = (task_a, document_a), (task_b, document_b)
-            similarity = dedup.estimated_jaccard(self._signature(*a, cache), self._signature(*b, cache))
-            if similarity < self.threshold:
-                continue
-            verified += 1
-            root_a, root_b = root(a), root(b)
-            if root_a != root_b:  # the first document of the cluster stays its root
-                parent[max(root_a, root_b)] = min(root_a, root_b)
+        for path in sorted(pathlib.Path(self.pairs).glob("*.dups")):
+            pairs = np.fromfile(path, dtype="<u4").reshape(-1, 4).tolist()
+            candidates += len(pairs)
+            for chain in band_chains(pairs):
+                firsts = [root(chain[0])]  # of the clusters of the chain's documents so far
+                for neighbour, document in zip(chain, chain[1:]):
+                    signature = self._signature(*document, cache)
+                    matches = [
+                        other for other in dict.fromkeys([*firsts, neighbour])
+                        if dedup.estimated_jaccard(signature, self._signature(*other, cache)) >= self.threshold
+                    ]
+                    verified += len(matches)
+                    for other in matches:
+                        root_a, root_b = root(document), root(other)
+                        if root_a != root_b:  # the first document of the cluster stays its root
+                            parent[max(root_a, root_b)] = min(root_a, root_b)
+                    firsts = list(dict.fromkeys(root(first) for first in [*firsts, document]))
         removed = collections.defaultdict(list)
         for node in parent:
             if root(node) != node:
@@ -356,10 +369,24 @@ class VerifiedClusters(PipelineStep):
             path = directory / f"{task:06d}.remove"  # datatrove's name for it
             replace_from_this_process(path, np.array(sorted(documents), "<u4").tobytes())
         write_report(self.reports, rank, {
-            "candidate_pairs": len(pairs),
+            "candidate_pairs": candidates,
             "verified_pairs": verified,
             "near_duplicates": sum(map(len, removed.values())),
         })
+
+
+def band_chains(pairs: list[list[int]]) -> list[list[tuple[int, int]]]:
+    """The chains of one band's pairs file, as datatrove's bucket stage writes them: a pair
+    (a, b) whose a is the last document of the chain before it continues that chain (a document
+    has one value per band, so it is in at most one chain)."""
+    chains = []
+    for task_a, document_a, task_b, document_b in pairs:
+        a, b = (task_a, document_a), (task_b, document_b)
+        if chains and chains[-1][-1] == a:
+            chains[-1].append(b)
+        else:
+            chains.append([a, b])
+    return chains
 
 
 def in_validation(key: str, val_fraction: float) -> bool:

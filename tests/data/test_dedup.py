@@ -66,3 +66,35 @@ def test_short_texts_get_one_shingle():
     one = minhasher.signature(words.hash_words("two words")[0])
     assert (one == minhasher.signature(words.hash_words("two  words")[0])).all()
     assert (one != minhasher.signature(words.hash_words("other words")[0])).any()
+
+
+def test_near_duplicates_in_a_chain_are_joined_across_a_dissimilar_document(tmp_path):
+    """datatrove's bucket stage writes the documents sharing a band's value as a chain of
+    neighbours, (A, B), (B, C): with B far from both, A and C (90% of slots equal) must still
+    be compared and C removed; D, on the same chain but like no other, is kept."""
+    from types import SimpleNamespace
+
+    from data import steps
+
+    num_perm = 20
+    layout = steps.Layout(tmp_path)
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2**32, num_perm, dtype=np.uint64).astype(np.uint32)
+    b, c, d = a.copy(), a.copy(), rng.integers(0, 2**32, num_perm, dtype=np.uint64).astype(np.uint32)
+    b[5:] += 1  # 25% of slots equal to A's
+    c[-2:] += 7  # 90%
+    d[:5] = a[:5]  # shares the band (slots 0-4) and nothing else
+    full = np.zeros(4, steps.full_signature_dtype(num_perm))
+    full["document"], full["signature"] = np.arange(4), [a, b, c, d]
+    layout.data("minhash_full").mkdir(parents=True)
+    full.tofile(steps.task_file(layout.data("minhash_full"), 0, ".sig"))
+    layout.data("minhash_pairs").mkdir(parents=True)
+    chain = np.array([[0, 0, 0, 1], [0, 1, 0, 2], [0, 2, 0, 3]], "<u4")  # A-B-C-D, one band
+    chain.tofile(layout.data("minhash_pairs") / "00000_00.dups")
+    (layout.data("minhash_pairs") / "00001_00.dups").touch()  # a band without candidates
+    assert steps.band_chains(chain.tolist()) == [[(0, 0), (0, 1), (0, 2), (0, 3)]]
+
+    steps.VerifiedClusters(layout, SimpleNamespace(num_perm=num_perm, threshold=0.8)).run()
+    assert np.fromfile(layout.data("minhash_removed") / "000000.remove", "<u4").tolist() == [2]
+    (report,) = steps.read_reports(layout.reports("clusters"))
+    assert report == {"candidate_pairs": 3, "verified_pairs": 1, "near_duplicates": 1}
