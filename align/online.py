@@ -100,9 +100,13 @@ def response_mask(tokens_RN, eos_id: int):
 
 
 def scores(tokenizer, tokens_RN, mask_RN, answers_R) -> np.ndarray:
-    """The task checker's reward of each decoded response (its tokens before EOS)."""
+    """The task checker's reward of each decoded response (its tokens before EOS). A response
+    holding PAD or BOS scores 0: decoding drops them, so its text would hide tokens the policy
+    emitted (4, PAD, 17 would read as the right answer 417)."""
     responses = tokenizer.decode([row[m & (row != tokenizer.eos_id)].tolist() for row, m in zip(tokens_RN, mask_RN)])
-    return np.asarray([arithmetic.reward_of_answer(int(a), r) for a, r in zip(answers_R, responses)], np.float32)
+    rewards = np.asarray([arithmetic.reward_of_answer(int(a), r) for a, r in zip(answers_R, responses)], np.float32)
+    holds_control = (np.isin(tokens_RN, [tokenizer.pad_id, tokenizer.bos_id]) & mask_RN).any(axis=1)
+    return np.where(holds_control, np.float32(0.0), rewards)
 
 
 def _joined(prompts_RP, lengths_R, tokens_RN, response_RN):

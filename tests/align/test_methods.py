@@ -150,6 +150,24 @@ class _IdTokenizer:
         return [np.asarray([int(t) for t in text.split()], np.int32) for text in texts]
 
 
+class _DigitTokenizer:
+    """Ids 10-19 are the digits 0-9; PAD, BOS and EOS decode to nothing, as SentencePiece's do."""
+
+    pad_id, bos_id, eos_id = 0, 2, 3
+
+    def decode(self, rows):
+        return ["".join(str(i - 10) for i in row if i >= 10) for row in rows]
+
+
+def test_a_response_holding_pad_or_bos_scores_zero_though_its_text_is_right():
+    tokens = np.asarray([[14, 11, 17, 3, 0, 0], [14, 0, 11, 17, 3, 0], [14, 11, 2, 17, 3, 0], [14, 11, 16, 3, 0, 0]])
+    mask, ended = online.response_mask(tokens, eos_id=3)
+    assert ended.all()
+    rewards = online.scores(_DigitTokenizer(), tokens, mask, np.full(4, 417))
+    assert rewards[0] == 1.0 and rewards[1] == rewards[2] == 0.0
+    assert 0.0 < rewards[3] < 1.0  # 416: the checker's partial credit, PAD after EOS ignored
+
+
 def test_a_cut_response_is_read_at_its_last_kept_token_in_pairs_and_rollouts(tmp_path):
     """A response cut to fit its row gets the reward of the prompt and the response tokens the
     row keeps, both as a training pair (align/data.py) and as a rollout without EOS."""
