@@ -1,6 +1,7 @@
 """Write a model as a Hugging Face directory that `transformers` (and lm-eval-harness, vLLM,
 TRL) load: `config.json`, `model.safetensors` (float32) and, given one, the SentencePiece
-tokenizer as `tokenizer.model` with a `tokenizer_config.json` naming `LlamaTokenizer`.
+tokenizer as `tokenizer.model` with a `tokenizer_config.json` naming `LlamaTokenizer`, its
+BOS, EOS and PAD ids in `config.json` and `generation_config.json`.
 
     python -m model.export --workdir=runs/quickstart --out=runs/quickstart/hf
 
@@ -52,20 +53,26 @@ def to_hf(config: ModelConfig, params, out: pathlib.Path, tokenizer_model: epath
     hf_config, tensors = (_gpt2 if kind == "gpt2" else _llama)(config, params, layers)
     if not config.tie_embeddings:
         tensors["lm_head.weight"] = params["head"]
-    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, out / "model.safetensors", metadata={"format": "pt"})
     if tokenizer_model is not None:
         model_proto = epath.Path(tokenizer_model).read_bytes()  # the workdir may be on an object store
         (out / "tokenizer.model").write_bytes(model_proto)
         pieces = spm.SentencePieceProcessor(model_proto=model_proto)
-        special = {name: pieces.id_to_piece(i) for name, i in (
-            ("bos_token", pieces.bos_id()), ("eos_token", pieces.eos_id()), ("unk_token", pieces.unk_id()),
+        ids = {name: i for name, i in (
+            ("bos", pieces.bos_id()), ("eos", pieces.eos_id()), ("pad", pieces.pad_id()), ("unk", pieces.unk_id()),
         ) if i >= 0}
-        # No prefix space: the text is encoded exactly as this project's tokenizer encodes it.
+        # No prefix space: the text is encoded exactly as this project's tokenizer encodes it
+        # (except a literal U+2581, which LlamaTokenizer reads as a space).
         (out / "tokenizer_config.json").write_text(json.dumps({
             "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-            "legacy": False, "add_prefix_space": False, **special,
+            "legacy": False, "add_prefix_space": False, **{f"{name}_token": pieces.id_to_piece(i) for name, i in ids.items()},
         }, indent=2))
+        # Without them transformers falls back to its own defaults (Llama's EOS is 2, this
+        # tokenizer's BOS), and generation would not stop at this tokenizer's EOS.
+        token_ids = {f"{name}_token_id": i for name, i in ids.items() if name != "unk"}
+        hf_config.update(token_ids)
+        (out / "generation_config.json").write_text(json.dumps(token_ids, indent=2))
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
 
 
 def _gpt2(config: ModelConfig, params, layers) -> tuple[dict, dict]:

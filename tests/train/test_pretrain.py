@@ -234,6 +234,11 @@ def test_export_command_writes_a_model_and_tokenizer_transformers_loads(uninterr
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     start = source.from_workdir(workdir)
+    # generate() stops at this tokenizer's EOS and pads with its PAD, not transformers' defaults.
+    ours_ids = (start.tokenizer.bos_id, start.tokenizer.eos_id, start.tokenizer.pad_id)
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == ours_ids
+    generation = hf_model.generation_config
+    assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == ours_ids
     text = "import os\nprint(os.getcwd())\n"
     ids = tokenizer(text)["input_ids"]
     assert ids == [start.tokenizer.bos_id] + start.tokenizer.encode([text])[0]
