@@ -231,8 +231,11 @@ def sft_records(problems: list[Problem]) -> list[dict]:
 
 
 def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    """Written whole or not at all: a file that exists is complete."""
+    partial = f"{path}.partial"
+    with open(partial, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(record) + "\n" for record in records)
+    os.replace(partial, path)
 
 
 def preference_pairs(

@@ -112,7 +112,9 @@ def write_data(root: pathlib.Path, sft_workdir: pathlib.Path | None) -> None:
         )["accuracy"]
         arithmetic.write_jsonl(data / f"pairs_{split}.jsonl", pairs)
         arithmetic.write_jsonl(data / f"kto_{split}.jsonl", arithmetic.kto_records(problems, samples))
-    (data / "pairs_report.json").write_text(json.dumps(report, indent=2))
+    # Last and whole: its presence marks the stage done.
+    (data / "pairs_report.json.partial").write_text(json.dumps(report, indent=2))
+    (data / "pairs_report.json.partial").replace(data / "pairs_report.json")
     log.info("preference pairs: %s", report)
 
 
@@ -312,10 +314,11 @@ def main(argv):
     base.data.tokenizer.split_digits = True
     if not _PRETRAINED.value and not _finished(pretrained, base.train.steps):
         pretrain.run(base, pretrained)
-    if not (root / "data" / "sft_train.jsonl").exists():
+    # Each data stage is done once the file it writes last exists.
+    if not (root / "data" / "sft_eval.jsonl").exists():
         write_data(root, None)
     summary = {"sft": run_stage(root, "sft", pretrained)}
-    if not (root / "data" / "pairs_train.jsonl").exists():
+    if not (root / "data" / "pairs_report.json").exists():
         write_data(root, root / "sft")
     summary["pairs"] = json.loads((root / "data" / "pairs_report.json").read_text())
     for variant in experiment.VARIANTS[1:]:

@@ -244,3 +244,13 @@ def test_jsonl_round_trip(tmp_path):
     lines = path.read_text(encoding="utf-8").split("\n")
     assert lines[-1] == "" and len(lines) == len(records) + 1
     assert [json.loads(line) for line in lines[:-1]] == records
+
+
+def test_a_jsonl_file_is_written_whole_or_not_at_all(tmp_path):
+    """The pipeline takes a data file that exists as finished: one cut short must not exist."""
+    path = tmp_path / "records.jsonl"
+    with pytest.raises(TypeError):
+        arithmetic.write_jsonl(path, [{"prompt": "1+1="}, {"prompt": object()}])
+    assert not path.exists()
+    arithmetic.write_jsonl(path, [{"prompt": "1+1="}])
+    assert path.read_text() == '{"prompt": "1+1="}\n' and list(tmp_path.iterdir()) == [path]
