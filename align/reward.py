@@ -41,6 +41,12 @@ def head_rewards(model_config: model.ModelConfig, model_params, score, batch):
     return rewards_B.reshape(lead)
 
 
+def flops_per_token(model_config: model.ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: the language model's (`model.flops_per_token`) without the
+    vocabulary head, which the scalar head on one token per row replaces."""
+    return model.flops_per_token(model_config, seq_len)["total"] - 6 * model_config.vocab_size * model_config.d_model
+
+
 def normalized_rewards(cfg, model_config, params, frozen, batch):
     """Rewards with the reference set's mean 0 and std 1."""
     norm = frozen["normalization"]

@@ -211,6 +211,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.Res
     else:
         rows_per_example = 1 if kind == "sft" else 2
         tokens_per_step = cfg.train.batch_size * rows_per_example * seq_len
+        if cfg.method == "reward":
+            flops = reward.flops_per_token(model_config, seq_len)
         flops_per_step = flops * tokens_per_step
         if trees.online_reference(cfg):
             flops_per_step += flops / 3 * tokens_per_step  # the reference's forward pass

@@ -54,8 +54,12 @@ def evaluate(workdir: epath.PathLike, texts: list[str], batch_size: int = 0) -> 
     run = ml_collections.ConfigDict(json.loads((epath.Path(workdir) / "config.json").read_text()))
     batch_size = batch_size or run.eval.batch_size
     mesh = sharding.make_mesh((-1, 1, 1), model_config=start.model_config)
-    if batch_size % (mesh.shape["data"] * jax.process_count()):
-        raise ValueError(f"--batch_size={batch_size} does not split over {mesh.shape['data']} devices")
+    # Each process reads its share of the rows, and the global batch splits over the devices.
+    if batch_size % math.lcm(mesh.shape["data"], jax.process_count()):
+        raise ValueError(
+            f"--batch_size={batch_size} does not split over {mesh.shape['data']} devices and "
+            f"{jax.process_count()} processes"
+        )
     params = start.load_params(mesh)
     params_shardings = tree_shardings(model.abstract_params(start.model_config), mesh)
     eval_step = compile_eval_step(language_model_loss(start.model_config), mesh, params_shardings)
