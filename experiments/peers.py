@@ -6,10 +6,12 @@ The model is nanoGPT's own small configuration (its Shakespeare character model:
 heads, width 384, vocabulary 65; about 10.7M parameters) unless --n_layer, --n_head, --n_embd
 and --vocab_size say otherwise.
 DIR holds nanoGPT's `model.py` (github.com/karpathy/nanoGPT; it is not part of this project).
-Both sides run AdamW on random tokens on the default device (CPU here: both use every core;
-torch takes CUDA when it has it, with its fused AdamW), two warm-up steps, then `--steps` timed
-ones dispatched back to back as a training loop runs them (`train.benchmark.pipelined_intervals`:
-each step is queued before the one ahead of it is waited for); the medians are printed. Weights
+Both sides run AdamW on random tokens on one device, the default one (CPU here: both use every
+core; torch takes CUDA when it has it, with its fused AdamW), two warm-up steps, then `--steps`
+timed ones; the medians are printed. Steps are dispatched back to back as a training loop runs
+them (`train.benchmark.pipelined_intervals`: each step is queued before the one ahead of it is
+waited for), except eager torch on the CPU, which runs each step to its end as it is called:
+those calls are timed one by one. Weights
 and optimizer state are float32; `--dtype=bfloat16` computes in bfloat16 (nanoGPT under
 `torch.autocast`, as its train.py does). nanoGPT runs eager and, with `--torch_compile`, under
 `torch.compile`. Needs the `test` extra (torch). On a GPU JAX must leave torch room:
@@ -25,6 +27,7 @@ import contextlib
 import importlib.util
 import pathlib
 import statistics
+import time
 
 import jax
 import ml_collections
@@ -69,7 +72,7 @@ def _config() -> model.ModelConfig:
 
 def ours(batch_size: int, seq_len: int, steps: int) -> float:
     config = _config()
-    mesh = sharding.make_mesh((-1, 1, 1), model_config=config)
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1], model_config=config)  # nanoGPT's one device
     optimizer = make_optimizer(ml_collections.ConfigDict(_OPTIMIZER), total_steps=1000)
     train_step, _ = compile_steps(config, optimizer, mesh, microbatches=1, z_loss=0.0)
     batch = synthetic_batch(batch_size, seq_len, config.vocab_size, 1)
@@ -116,7 +119,16 @@ def nanogpt(directory: str, batch_size: int, seq_len: int, steps: int, compiled:
     wait = lambda done: done is not None and done.synchronize()
     for _ in range(2):
         wait(step())
-    return statistics.median(pipelined_intervals(step, wait, steps))
+    if device == "cuda":
+        return statistics.median(pipelined_intervals(step, wait, steps))
+    # Eager torch on the CPU runs each step to its end inside step(): timed call by call (queued
+    # behind each other, the last interval would be the empty wait after the last step).
+    intervals = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        intervals.append(time.perf_counter() - start)
+    return statistics.median(intervals)
 
 
 def main(argv):
