@@ -1,14 +1,16 @@
 """Document cleaning: Unicode normalization, PII scrubbing and heuristic quality filters.
 
-The filters follow the Gopher rules (Rae et al. 2021, appendix A): length bounds, fraction of
-alphabetic characters, symbol-to-word ratio, duplicate lines, and the share of text covered by
-the most frequent n-gram and by repeated n-grams. Every threshold is a config value
+The filters follow the Gopher rules (Rae et al. 2021, appendix A): length bounds, symbol-to-word
+ratio, duplicate lines, and the share of text covered by the most frequent n-gram and by
+repeated n-grams; and a floor on the fraction of alphabetic characters among the non-whitespace
+ones (Gopher's rule counts the words that hold a letter instead). Every threshold is a config value
 (`pipeline.default_config().cleaning`); a document is removed by the first filter it fails, and
 that filter's name is what the report counts.
 """
 
 import collections
 import dataclasses
+import ipaddress
 import re
 import unicodedata
 
@@ -21,14 +23,10 @@ EMAIL = re.compile(
 )
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\.?\w)", re.ASCII)
-_HEX = r"[0-9A-Fa-f]{1,4}"
-# Full eight-group form, or the "::" form with at least three groups (fewer would match slices
-# such as `a[1::2]` in code).
-IPV6 = re.compile(
-    rf"(?<![\w:])(?:(?:{_HEX}:){{7}}{_HEX}"
-    rf"|(?=(?:[0-9A-Fa-f]*:){{3}})(?:{_HEX}:){{1,6}}:(?:{_HEX}:){{0,5}}{_HEX})(?![\w:])",
-    re.ASCII,
-)
+# A run of hex digits, colons and dots holding at least three colons (fewer would match slices
+# such as `a[1::2]` in code); `ipaddress` then decides whether it is an IPv6 address, in any of
+# its forms: full, "::" at either end or inside, an IPv4 tail.
+IPV6 = re.compile(r"(?<![\w:.])(?=(?:[0-9A-Fa-f.]*:){3})[0-9A-Fa-f:.]*[0-9A-Fa-f:](?![\w:])", re.ASCII)
 # North-American style with separators or a parenthesized area code, and international numbers
 # written with a leading "+"; bare digit runs are left alone (they are mostly not phone numbers).
 PHONE = re.compile(
@@ -39,7 +37,6 @@ PHONE = re.compile(
 PLACEHOLDERS = {"email": "<EMAIL>", "ip_address": "<IP_ADDRESS>", "phone_number": "<PHONE_NUMBER>"}
 _ASCII_ALPHABETIC = np.array([chr(c).isalpha() for c in range(128)])
 _ASCII_WHITESPACE = np.array([chr(c).isspace() for c in range(128)])
-_SYMBOLS = ("#", "...", "\u2026")
 
 
 @dataclasses.dataclass
@@ -99,6 +96,14 @@ def _candidate_lines(text: str) -> dict[re.Pattern, np.ndarray]:
     }
 
 
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def scrub_pii(text: str) -> tuple[str, collections.Counter]:
     """Replaces e-mail addresses, IP addresses and phone numbers by placeholders."""
     counts = collections.Counter()
@@ -107,6 +112,8 @@ def scrub_pii(text: str) -> tuple[str, collections.Counter]:
     def replace(kind):
         def substitute(match):
             if kind == "phone_number" and not 7 <= sum(c.isdigit() for c in match[0]) <= 15:
+                return match[0]
+            if match.re is IPV6 and not _is_ipv6(match[0]):
                 return match[0]
             counts[kind] += 1
             return PLACEHOLDERS[kind]
@@ -147,8 +154,9 @@ def alpha_fraction(text: str) -> float:
 
 
 def symbol_word_ratio(text: str, num_words: int) -> float:
-    """Hash signs and ellipses per word (Gopher: <= 0.1 for prose)."""
-    return sum(text.count(s) for s in _SYMBOLS) / max(num_words, 1)
+    """Hash signs per word or ellipses per word, whichever is larger (Gopher: each <= 0.1)."""
+    ellipses = text.count("...") + text.count("\u2026")
+    return max(text.count("#"), ellipses) / max(num_words, 1)
 
 
 def duplicate_line_fraction(text: str) -> float:
@@ -163,11 +171,12 @@ def top_ngram_fraction(hashes: np.ndarray, lengths: np.ndarray, n: int) -> float
     if ngrams.size == 0:
         return 0.0
     _, first, counts = np.unique(ngrams, return_index=True, return_counts=True)
-    top = int(np.argmax(counts))
-    if counts[top] < 2:
+    if counts.max() < 2:
         return 0.0
-    start = first[top]
-    return float(counts[top] * lengths[start : start + n].sum() / lengths.sum())
+    # Of the n-grams tied for most frequent, the first in the text (as datatrove's Gopher filter
+    # picks it), not the one whose hash sorts first.
+    start = first[counts == counts.max()].min()
+    return float(counts.max() * lengths[start : start + n].sum() / lengths.sum())
 
 
 def duplicate_ngram_fraction(hashes: np.ndarray, lengths: np.ndarray, n: int) -> float:

@@ -30,6 +30,7 @@ FORMATS = ("auto", "text", "jsonl", "parquet")
 TEXT_UNITS = ("file", "paragraph")
 _PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")
 _REPLACEMENT = "\ufffd"
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,9 +225,11 @@ def _jsonl_documents(f: SourceFile, text: str, field: str) -> Iterator[Document]
 
 
 def _checked(where: str, field: str, value, key: str) -> Document:
+    """A record's text as a document. A lone surrogate (JSON's escape of half an emoji, as cut
+    scraped text holds) becomes U+FFFD: it has no UTF-8 encoding, and every later step encodes."""
     if not isinstance(value, str):
         raise ValueError(f"{where}: field {field!r} is {type(value).__name__}, not a string")
-    return Document(key, value)
+    return Document(key, _LONE_SURROGATE.sub(_REPLACEMENT, value))
 
 
 def _parquet_documents(f: SourceFile, field: str) -> Iterator[Document]:

@@ -55,8 +55,9 @@ def test_alpha_fraction_counts_letters_over_non_space():
     assert cleaning.alpha_fraction("日本 語!") == 0.75
 
 
-def test_symbol_word_ratio_counts_hashes_and_ellipses():
-    assert cleaning.symbol_word_ratio("# a b ... c \u2026 d", num_words=8) == 3 / 8
+def test_symbol_word_ratio_counts_hashes_and_ellipses_each_on_its_own():
+    assert cleaning.symbol_word_ratio("# a b ... c \u2026 d", num_words=8) == 2 / 8  # two ellipses
+    assert cleaning.symbol_word_ratio("# # # a ... b", num_words=6) == 3 / 6  # three hashes
 
 
 def test_duplicate_line_fraction_ignores_blank_lines_and_indentation():
@@ -69,6 +70,12 @@ def test_top_ngram_fraction_matches_hand_count():
     assert cleaning.top_ngram_fraction(hashes, lengths, 2) == pytest.approx(4 / 5)
     hashes, lengths = words.hash_words("a b c d e")
     assert cleaning.top_ngram_fraction(hashes, lengths, 2) == 0.0
+    # Two bigrams occur twice each: the first in the text counts, whatever their hashes.
+    for short in ("a b", "c d", "e f", "g h"):
+        hashes, lengths = words.hash_words(f"{short} x {short} y longword otherword z longword otherword")
+        assert cleaning.top_ngram_fraction(hashes, lengths, 2) == pytest.approx(2 * 2 / 41)
+        hashes, lengths = words.hash_words(f"longword otherword z longword otherword {short} x {short} y")
+        assert cleaning.top_ngram_fraction(hashes, lengths, 2) == pytest.approx(2 * 17 / 41)
 
 
 def test_duplicate_ngram_fraction_matches_hand_count():
@@ -100,8 +107,19 @@ def test_pii_is_replaced_by_placeholders():
     assert counts == {"email": 2, "ip_address": 3, "phone_number": 3}
 
 
+@pytest.mark.parametrize("address", [
+    "2001:db8:85a3::8a2e:370:7334", "2001:0db8:0000:0000:0000:ff00:0042:8329", "2001:db8:85a3::",
+    "64:ff9b::192.0.2.33", "2001:0db8:0000:0000:0000:ff00:192.0.2.1", "::ffff:192.0.2.1",
+])
+def test_every_ipv6_form_is_scrubbed_whole(address):
+    assert cleaning.scrub_pii(f"host {address}/48 and {address}.") == ("host <IP_ADDRESS>/48 and <IP_ADDRESS>.", {"ip_address": 2})
+
+
 def test_pii_scrubbing_keeps_look_alikes():
-    text = "version 3.11.7, on 2024-01-15, x = a[1::2] + 3.14159, id 1234567890, @decorator, 1.2.3.4.5"
+    text = (
+        "version 3.11.7, on 2024-01-15, x = a[1::2] + 3.14159, id 1234567890, @decorator, 1.2.3.4.5, "
+        "at 12:30:45, mac 00:1a:2b:3c:4d:5e, a[1:2:3:4], std::vector"
+    )
     assert cleaning.scrub_pii(text) == (text, {})
 
 

@@ -36,6 +36,17 @@ def test_jsonl_reads_the_configured_field(tmp_path):
     assert [(d.key, d.text) for d in documents] == [("d.jsonl:1", "one"), ("d.jsonl:3", "two")]
 
 
+def test_a_lone_surrogate_in_jsonl_becomes_a_replacement_character(tmp_path):
+    """JSON may escape half an emoji; the text must still encode as UTF-8 for cleaning."""
+    from data import cleaning
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "cut here \\ud83d and on"}\n')
+    (document,), _ = sources.read_documents(_files_config(path))
+    assert document.text == "cut here \ufffd and on"
+    assert cleaning.clean(document.text, pipeline.default_config().cleaning).text is None  # too short, not an error
+
+
 @pytest.mark.parametrize(
     "lines, message",
     [
