@@ -98,6 +98,8 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int, n_processes: int) -
     model_config(cfg)  # ModelConfig names bad model.* values itself
     t = cfg.train
     require(t.steps > 0, "train.steps", "must be positive")
+    require(t.batch_size > 0, "train.batch_size", "must be positive")
+    require(cfg.eval.batch_size > 0, "eval.batch_size", "must be positive")
     require(t.seq_len > 0, "train.seq_len", "must be positive")
     require(
         t.seq_len <= cfg.model.max_seq_len, "train.seq_len",

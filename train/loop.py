@@ -169,7 +169,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: epath.Path, mesh, job: Job) -> 
             if progress:
                 progress.close()
 
-            finished = int(state.step) == steps
+            finished = int(state.step) >= steps
             if finished and start_step < steps:
                 if job.evaluate:
                     last_eval = evaluate(steps)
@@ -178,7 +178,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: epath.Path, mesh, job: Job) -> 
                 checkpointer.save(steps, state, job.batches, config_json)
             elif finished and job.evaluate:
                 last_eval = job.evaluate(state)
-        if finished and job.samples:
+        if finished and job.samples and not preempted.is_set():
             writer.text("samples", job.samples(state), steps)
     finally:  # also when a step fails: pending saves finish, nothing is left half-written
         profiler.stop()
@@ -187,8 +187,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: epath.Path, mesh, job: Job) -> 
         writer.close()
         workdir_lib.release(workdir)
         signal.signal(signal.SIGTERM, default_sigterm)
-    if not finished:
-        log.warning("SIGTERM: saved the checkpoint at step %d; the same command resumes", step)
+    if preempted.is_set():  # also when it came after the last step: nothing after the run starts
+        log.warning("SIGTERM: saved the checkpoint at step %d; the same command resumes", int(state.step))
         raise SystemExit(128 + signal.SIGTERM)
     return Result(state, last_eval)
 

@@ -3,7 +3,7 @@
 Before anything is written, a run takes `WORKDIR/run.lock` (host and pid of the holder); a
 lock whose process is gone (same host, pid not alive) is stale and taken over. A workdir
 that already holds a run's `config.json` is resumed only with a config that differs in
-settings a resumed run can take (`RESUMABLE`: more steps, logging, evaluation, checkpoint
+settings a resumed run can take (`RESUMABLE`: more steps (never fewer), logging, evaluation, checkpoint
 intervals, sampling, the mesh, where the token cache lies); any other difference (the model, data, batch, optimizer, seed) stops the
 run with the list of differing keys, and the workdir is left as it was.
 
@@ -71,7 +71,11 @@ def prepare(cfg: ml_collections.ConfigDict, workdir) -> epath.Path:
     config_file = workdir / "config.json"
     if config_file.exists():
         changes = differences(json.loads(config_file.read_text()), new)
-        refused = [c for c in changes if not c[0].startswith(RESUMABLE)]
+        # Fewer steps would end the run before the checkpoint it resumes from.
+        refused = [
+            c for c in changes
+            if not c[0].startswith(RESUMABLE) or (c[0] == "train.steps" and c[2] < c[1])
+        ]
         if refused:
             release(workdir)
             listed = "\n".join(f"  {key}: {old!r} -> {value!r}" for key, old, value in refused)

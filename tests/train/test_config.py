@@ -11,6 +11,8 @@ from train.optimizer import learning_rate_schedule
     [
         ("train", "log_every", 0, r"config.train.log_every=0: must be positive"),
         ("eval", "every_steps", 0, r"config.eval.every_steps=0: must be positive"),
+        ("eval", "batch_size", 0, r"config.eval.batch_size=0: must be positive"),
+        ("train", "batch_size", 0, r"config.train.batch_size=0: must be positive"),
         ("optimizer", "warmup_steps", 2000, r"config.optimizer.warmup_steps=2000: exceeds the run's train.steps=1000"),
         ("sample", "max_new_tokens", 100_000, r"config.sample.max_new_tokens=100000: must be positive and leave room"),
     ],

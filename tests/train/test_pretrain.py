@@ -137,6 +137,26 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(uninterrupted, corpus_dir,
     assert (tmp_path / "checkpoints" / str(stopped)).is_dir()
 
 
+def test_sigterm_during_the_final_evaluation_still_stops_the_run(uninterrupted, corpus_dir, tmp_path, monkeypatch):
+    """A SIGTERM after the last step: the final checkpoint is saved, and the run exits with 143
+    before its samples, so that a multi-stage driver stops too."""
+    _, cache, _ = uninterrupted
+    evaluate = pretrain.evaluate
+
+    def evaluate_then_get_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the loop's handler only marks the run preempted
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "evaluate", evaluate_then_get_sigterm)
+    monkeypatch.setattr(pretrain, "write_samples", lambda *a, **k: pytest.fail("samples after SIGTERM"))
+    cfg = tiny_config(corpus_dir, cache, steps=6)
+    cfg.eval.every_steps = 100
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.run(cfg, tmp_path)
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert (tmp_path / "checkpoints" / "6").is_dir() and not (tmp_path / "samples.txt").exists()
+
+
 def test_nonfinite_loss_stops_the_run_naming_the_step(uninterrupted, corpus_dir, tmp_path):
     _, cache, _ = uninterrupted
     cfg = tiny_config(corpus_dir, cache, steps=20)

@@ -41,6 +41,15 @@ def test_more_steps_and_other_intervals_are_allowed_and_logged(tmp_path, caplog)
     assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 300
 
 
+def test_fewer_steps_are_refused_and_the_config_kept(tmp_path):
+    """A run resumed with fewer steps would end before the checkpoint it resumes from."""
+    workdir.prepare(_config(steps=100), tmp_path)
+    workdir.release(tmp_path)
+    with pytest.raises(ValueError, match=r"these keys differ:\n  train.steps: 100 -> 80\n"):
+        workdir.prepare(_config(steps=80), tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 100
+
+
 def test_a_second_run_is_refused_while_the_first_holds_the_lock(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
