@@ -121,8 +121,10 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int, n_processes: int) -
     require(t.nonfinite in ("stop", "skip"), "train.nonfinite", "expected 'stop' or 'skip'")
     profile = tuple(t.profile_steps)
     require(
-        profile == () or (len(profile) == 2 and 1 <= profile[0] <= profile[1] <= t.steps),
-        "train.profile_steps", f"expected () or (first, last) with 1 <= first <= last <= train.steps={t.steps}",
+        profile == () or (
+            len(profile) == 2 and all(isinstance(s, int) for s in profile) and 1 <= profile[0] <= profile[1] <= t.steps
+        ),
+        "train.profile_steps", f"expected () or (first, last), step numbers with 1 <= first <= last <= train.steps={t.steps}",
     )
     require(cfg.optimizer.schedule in SCHEDULES, "optimizer.schedule", f"expected one of {SCHEDULES}")
     if cfg.optimizer.schedule == "wsd":

@@ -13,6 +13,7 @@ from train.optimizer import learning_rate_schedule
         ("eval", "every_steps", 0, r"config.eval.every_steps=0: must be positive"),
         ("eval", "batch_size", 0, r"config.eval.batch_size=0: must be positive"),
         ("train", "batch_size", 0, r"config.train.batch_size=0: must be positive"),
+        ("train", "profile_steps", (2.5, 3), r"config.train.profile_steps=\(2.5, 3\): expected \(\) or \(first, last\), step numbers"),
         ("optimizer", "warmup_steps", 2000, r"config.optimizer.warmup_steps=2000: exceeds the run's train.steps=1000"),
         ("sample", "max_new_tokens", 100_000, r"config.sample.max_new_tokens=100000: must be positive and leave room"),
     ],
