@@ -113,7 +113,13 @@ def _lock(workdir: epath.Path) -> None:
     path = workdir / LOCK_FILE
     me = {"host": socket.gethostname(), "pid": os.getpid()}
     while not _create(path, json.dumps(me)):
-        holder = json.loads(path.read_text() or "{}")
+        try:
+            holder = json.loads(path.read_text())
+        except json.JSONDecodeError:  # empty or cut short: a run killed while taking it
+            raise RuntimeError(
+                f"{path} names no process (a run killed while taking the lock?); if no run is "
+                "active in this workdir, delete that file"
+            ) from None
         if holder == me:
             return
         if holder.get("host") == me["host"] and not process_running(holder.get("pid", -1)):

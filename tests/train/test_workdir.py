@@ -41,6 +41,13 @@ def test_more_steps_and_other_intervals_are_allowed_and_logged(tmp_path, caplog)
     assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 300
 
 
+@pytest.mark.parametrize("content", ["", '{"host": "h'])
+def test_a_lock_cut_short_is_refused_in_one_line(tmp_path, content):
+    (tmp_path / workdir.LOCK_FILE).write_text(content)
+    with pytest.raises(RuntimeError, match=r"run.lock names no process .*delete that file"):
+        workdir.prepare(_config(), tmp_path)
+
+
 def test_fewer_steps_are_refused_and_the_config_kept(tmp_path):
     """A run resumed with fewer steps would end before the checkpoint it resumes from."""
     workdir.prepare(_config(steps=100), tmp_path)
