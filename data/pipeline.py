@@ -149,9 +149,9 @@ class Corpus:
         return self.manifest["digest"]
 
     @property
-    def bytes_per_token(self) -> float:
-        """UTF-8 bytes per token on the validation split (BOS and EOS not counted)."""
-        return self.report["bytes_per_token"]
+    def val_bytes(self) -> int:
+        """UTF-8 bytes of the validation split's text."""
+        return self.report["splits"]["val"]["bytes"]
 
     @property
     def token_dtype(self) -> np.dtype:

@@ -55,7 +55,7 @@ def evaluate(eval_step, params, corpus, cfg, mesh) -> dict[str, float]:
         "eval_perplexity": math.exp(min(loss, 50.0)),
         # Every target of the split is scored, each document's EOS included: the nats of the
         # whole text over its UTF-8 bytes, as train/evaluate.py counts them.
-        "eval_bits_per_byte": loss_sum / math.log(2) / corpus.report["splits"]["val"]["bytes"],
+        "eval_bits_per_byte": loss_sum / math.log(2) / corpus.val_bytes,
         "eval_tokens": tokens,
     }
 

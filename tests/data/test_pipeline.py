@@ -89,7 +89,8 @@ def test_prepare_removes_planted_duplicates_keeps_distant_pairs_and_reports_each
         assert [cached.document(i).tolist() for i in range(cached.num_documents)] == reference
     val = [kept[k] for k in shard_order if k in kept and sources.stable_fraction(k) < cfg.val_fraction]
     val_tokens = sum(len(ids) for ids in corpus.tokenizer.encode(val))
-    assert corpus.bytes_per_token == pytest.approx(sum(len(t.encode()) for t in val) / val_tokens)
+    assert corpus.report["bytes_per_token"] == pytest.approx(sum(len(t.encode()) for t in val) / val_tokens)
+    assert corpus.val_bytes == sum(len(t.encode()) for t in val)
 
 
 def test_manifest_lists_every_shard_with_counts_and_digests(prepared):
