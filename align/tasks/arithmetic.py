@@ -230,12 +230,16 @@ def sft_records(problems: list[Problem]) -> list[dict]:
     return [{"prompt": p.prompt, "response": str(p.answer)} for p in problems]
 
 
-def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
+def write_whole(path: str | os.PathLike, text: str) -> None:
     """Written whole or not at all: a file that exists is complete."""
     partial = f"{path}.partial"
     with open(partial, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(record) + "\n" for record in records)
+        f.write(text)
     os.replace(partial, path)
+
+
+def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
+    write_whole(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
 def preference_pairs(

@@ -112,9 +112,7 @@ def write_data(root: pathlib.Path, sft_workdir: pathlib.Path | None) -> None:
         )["accuracy"]
         arithmetic.write_jsonl(data / f"pairs_{split}.jsonl", pairs)
         arithmetic.write_jsonl(data / f"kto_{split}.jsonl", arithmetic.kto_records(problems, samples))
-    # Last and whole: its presence marks the stage done.
-    (data / "pairs_report.json.partial").write_text(json.dumps(report, indent=2))
-    (data / "pairs_report.json.partial").replace(data / "pairs_report.json")
+    arithmetic.write_whole(data / "pairs_report.json", json.dumps(report, indent=2))  # last: marks the stage done
     log.info("preference pairs: %s", report)
 
 
