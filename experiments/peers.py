@@ -11,11 +11,10 @@ core; torch takes CUDA when it has it, with its fused AdamW), two warm-up steps,
 timed ones; the medians are printed. Steps are dispatched back to back as a training loop runs
 them (`train.benchmark.pipelined_intervals`: each step is queued before the one ahead of it is
 waited for), except eager torch on the CPU, which runs each step to its end as it is called:
-those calls are timed one by one. Weights
-and optimizer state are float32; `--dtype=bfloat16` computes in bfloat16 (nanoGPT under
-`torch.autocast`, as its train.py does). nanoGPT runs eager and, with `--torch_compile`, under
-`torch.compile`. Needs the `test` extra (torch). On a GPU JAX must leave torch room:
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.5.
+those calls are timed one by one. Weights and optimizer state are float32; `--dtype=bfloat16`
+computes in bfloat16 (nanoGPT under `torch.autocast`, as its train.py does). nanoGPT runs eager
+and, with `--torch_compile`, under `torch.compile`. Needs the `test` extra (torch). On a GPU JAX
+must leave torch room: XLA_PYTHON_CLIENT_MEM_FRACTION=0.5.
 GPT-2 124M as nanoGPT trains it: --n_layer=12 --n_head=12 --n_embd=768 --vocab_size=50304.
 The README's figures ran under GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (README, "Running
 experiments").

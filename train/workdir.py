@@ -3,9 +3,10 @@
 Before anything is written, a run takes `WORKDIR/run.lock` (host and pid of the holder); a
 lock whose process is gone (same host, pid not alive) is stale and taken over. A workdir
 that already holds a run's `config.json` is resumed only with a config that differs in
-settings a resumed run can take (`RESUMABLE`: more steps (never fewer), logging, evaluation, checkpoint
-intervals, sampling, the mesh, where the token cache lies); any other difference (the model, data, batch, optimizer, seed) stops the
-run with the list of differing keys, and the workdir is left as it was.
+settings a resumed run can take (`RESUMABLE`: more steps (never fewer), logging, evaluation,
+checkpoint intervals, sampling, the mesh, where the token cache lies); any other difference
+(the model, data, batch, optimizer, seed) stops the run with the list of differing keys, and
+the workdir is left as it was.
 
 A workdir is local or on an object store (`gs://bucket/run`, `s3://...`): every file of a run
 is read and written through `etils.epath`.
