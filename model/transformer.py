@@ -2,7 +2,7 @@
 
 Dimension letters used in names:
   B batch, T query length, S key length (cache), D d_model, N query heads,
-  K key/value heads, H head_dim, F d_ff, V vocab, L layers.
+  K key/value heads, H head_dim, F d_ff, V vocab, L layers, M rows of a 2-D matmul (B * T).
 V is the stored vocabulary, `config.padded_vocab_size`: ids from `config.vocab_size` on are
 padding, with zero embedding rows and masked logits (`output_logits`).
 

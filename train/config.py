@@ -73,8 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     # A Hugging Face model directory (config.json + safetensors + tokenizer.model) to start
-    # from: its architecture replaces config.model (dtype, remat, scan_layers and attention stay), its
-    # SentencePiece model becomes data.tokenizer.path.
+    # from: its architecture replaces config.model (dtype, param_dtype, remat, scan_layers and
+    # attention stay), its SentencePiece model becomes data.tokenizer.path.
     c.init = ml_collections.ConfigDict({"from_hf": ""})
 
     c.sample = ml_collections.ConfigDict()

@@ -4,9 +4,11 @@ Before anything is written, a run takes `WORKDIR/run.lock` (host and pid of the 
 lock whose process is gone (same host, pid not alive) is stale and taken over. A workdir
 that already holds a run's `config.json` is resumed only with a config that differs in
 settings a resumed run can take (`RESUMABLE`: more steps (never fewer), logging, evaluation,
-checkpoint intervals, sampling, the mesh, where the token cache lies); any other difference
-(the model, data, batch, optimizer, seed) stops the run with the list of differing keys, and
-the workdir is left as it was.
+checkpoint intervals, sampling, the mesh, where the token cache lies and how it is prepared,
+the non-finite policy, profiling, W&B, and the attention kernel, remat and loss chunking,
+which agree to float32 rounding); any other difference (the model's shape, data, batch,
+optimizer, seed) stops the run with the list of differing keys, and the workdir is left as
+it was.
 
 A workdir is local or on an object store (`gs://bucket/run`, `s3://...`): every file of a run
 is read and written through `etils.epath`.

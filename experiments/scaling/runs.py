@@ -1,7 +1,7 @@
 """Reading sweep results: the runs table (CSV, one row per run) and each run's loss curve.
 
-The sweep writes columns name, n_params, n_params_nonembed, tokens, flops, final_loss,
-smoothed_loss, workdir. Other tables work with their own column names. When the table
+The sweep writes the columns of `experiments.scaling.sweep.COLUMNS` (name, parameter counts,
+tokens, FLOPs in several accountings, budget, final_loss, smoothed_loss, workdir). Other tables work with their own column names. When the table
 has C but no D, tokens are D = C / (6N); with D but no C, C = 6ND.
 
 A run's curve is `<workdir>/metrics.jsonl`: JSON lines with `step` and a loss key (the
