@@ -23,14 +23,15 @@ import model
 from align.config import method_config as cfg
 from align import dpo, sft, trees
 from model import sharding
-from train.benchmark import synthetic_batch, time_interleaved
+from train.benchmark import refuse_flags, synthetic_batch, time_interleaved
 from train.cli import run_program
 from train.optimizer import make_optimizer
 from train.state import create_state, init_state, state_shardings
 from train.step import compile_steps, compile_train_step
 
 # The flags are train.benchmark's (--preset, --batch_size, --seq_len, --steps; --dtype,
-# --remat and --scan_layers as there); a pair counts as two sequences of the batch.
+# --remat, --scan_layers, --attention and --vocab_size as there); a pair counts as two
+# sequences of the batch.
 FLAGS = flags.FLAGS
 
 
@@ -55,9 +56,11 @@ def _method_step(cfg, config, mesh, loss_fn_builder):
 
 def main(argv):
     del argv
+    refuse_flags("compile_only", "loss_chunk", "mesh", "microbatches", "documents_per_row")
     preset = model.get_config(FLAGS.preset)
     config = preset.replace(
-        dtype=FLAGS.dtype, remat=FLAGS.remat, scan_layers=FLAGS.scan_layers,
+        dtype=FLAGS.dtype, remat=FLAGS.remat, scan_layers=FLAGS.scan_layers, attention=FLAGS.attention,
+        vocab_size=FLAGS.vocab_size or preset.vocab_size,
         max_seq_len=max(FLAGS.seq_len, preset.max_seq_len),
     )
     mesh = sharding.make_mesh((-1, 1, 1), model_config=config)

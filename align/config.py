@@ -83,6 +83,13 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# The rl keys of PPO's reward shaping, value head and KL controller; GRPO refuses a change to them.
+_PPO_ONLY = (
+    "value_init", "kl_target", "kl_horizon", "gamma", "lam", "vf_coef", "clip_eps_value", "whiten_rewards",
+    "missing_eos_penalty",
+)
+
+
 def method_config(method: str, **sections) -> ml_collections.ConfigDict:
     """The base config for `method`, with `section=dict(key=value)` changes."""
     c = base_config()
@@ -125,6 +132,13 @@ def validate(cfg, n_devices: int, n_processes: int) -> None:
         f"must be below train.seq_len={cfg.train.seq_len}, to leave room for the response",
     )
     require(cfg.task.name in ("", "arithmetic"), "task.name", cfg.task.name, "expected '' or 'arithmetic'")
+    if cfg.task.name:
+        require(cfg.task.max_new_tokens >= 1, "task.max_new_tokens", cfg.task.max_new_tokens, "must be at least 1")
+        require(
+            cfg.data.max_prompt_len + cfg.task.max_new_tokens <= cfg.model.max_seq_len, "task.max_new_tokens",
+            cfg.task.max_new_tokens,
+            f"with data.max_prompt_len={cfg.data.max_prompt_len}, exceeds the model's max_seq_len={cfg.model.max_seq_len}",
+        )
     if cfg.method in ("ppo", "grpo"):
         r = cfg.rl
         require(cfg.task.name != "", "task.name", cfg.task.name, f"{cfg.method} takes its prompts and rewards from a task")
@@ -135,6 +149,8 @@ def validate(cfg, n_devices: int, n_processes: int) -> None:
             r.value_init == "zeros" or r.reward_model, "rl.value_init", r.value_init,
             "needs rl.reward_model, the run whose head it starts from",
         )
+        require(r.samples_per_prompt >= 1, "rl.samples_per_prompt", r.samples_per_prompt, "must be at least 1")
+        require(r.clip_eps > 0, "rl.clip_eps", r.clip_eps, "must be positive")
         rows = cfg.train.batch_size * r.samples_per_prompt
         require(
             r.minibatches >= 1 and rows % r.minibatches == 0, "rl.minibatches", r.minibatches,
@@ -145,6 +161,15 @@ def validate(cfg, n_devices: int, n_processes: int) -> None:
             f"a minibatch of {rows // r.minibatches} rows does not split over {n_devices} devices",
         )
         require(r.kl_horizon > 0, "rl.kl_horizon", r.kl_horizon, "must be positive (the adaptive KL controller divides by it)")
+        require(r.kl_target >= 0, "rl.kl_target", r.kl_target, "must be >= 0 (0: a fixed coefficient)")
+        require(
+            r.missing_eos_penalty >= 0, "rl.missing_eos_penalty", r.missing_eos_penalty,
+            "must be >= 0 (it is subtracted from the score)",
+        )
+        if cfg.method == "grpo":
+            defaults = base_config().rl
+            for key in _PPO_ONLY:
+                require(r[key] == defaults[key], f"rl.{key}", r[key], "a PPO setting, which GRPO does not use")
         require(r.kl_estimator in rl.KL_ESTIMATORS, "rl.kl_estimator", r.kl_estimator, f"expected one of {rl.KL_ESTIMATORS}")
         require(r.grpo_scale in rl.GRPO_SCALES, "rl.grpo_scale", r.grpo_scale, f"expected one of {rl.GRPO_SCALES}")
         require(

@@ -99,14 +99,20 @@ def response_mask(tokens_RN, eos_id: int):
     return before_eos, is_eos.any(axis=1)
 
 
+def response_texts(tokenizer, responses: list[list[int]]) -> list[str]:
+    """Responses (their ids up to EOS) as a task's checker reads them. One holding PAD or BOS
+    reads as "", which no checker takes for an answer: decoding drops those ids, so its text
+    would hide tokens the policy emitted (4, PAD, 17 would read as the right answer 417)."""
+    control = {tokenizer.pad_id, tokenizer.bos_id}
+    texts = tokenizer.decode([list(r) for r in responses])
+    return ["" if control.intersection(r) else text for r, text in zip(responses, texts)]
+
+
 def scores(tokenizer, tokens_RN, mask_RN, answers_R) -> np.ndarray:
-    """The task checker's reward of each decoded response (its tokens before EOS). A response
-    holding PAD or BOS scores 0: decoding drops them, so its text would hide tokens the policy
-    emitted (4, PAD, 17 would read as the right answer 417)."""
-    responses = tokenizer.decode([row[m & (row != tokenizer.eos_id)].tolist() for row, m in zip(tokens_RN, mask_RN)])
-    rewards = np.asarray([arithmetic.reward_of_answer(int(a), r) for a, r in zip(answers_R, responses)], np.float32)
-    holds_control = (np.isin(tokens_RN, [tokenizer.pad_id, tokenizer.bos_id]) & mask_RN).any(axis=1)
-    return np.where(holds_control, np.float32(0.0), rewards)
+    """The task checker's reward of each response (its tokens before EOS), read by
+    `response_texts`."""
+    responses = response_texts(tokenizer, [row[m & (row != tokenizer.eos_id)].tolist() for row, m in zip(tokens_RN, mask_RN)])
+    return np.asarray([arithmetic.reward_of_answer(int(a), r) for a, r in zip(answers_R, responses)], np.float32)
 
 
 def _joined(prompts_RP, lengths_R, tokens_RN, response_RN):

@@ -68,6 +68,12 @@ def reward_model(workdir, mesh, setting: str = "rl.reward_model") -> RewardModel
     if source.get("method") != "reward":
         raise ValueError(f"{setting}={str(workdir)!r}: a {source.get('method', 'pretraining')} run, not a reward model")
     state = _restored_state(workdir, source, model_config, mesh)
+    # The normalization is computed when the run finishes, into its last checkpoint.
+    if int(state.step) < source.train.steps:
+        raise ValueError(
+            f"{setting}={str(workdir)!r}: the reward run stopped at step {int(state.step)} of "
+            f"{source.train.steps}, before its rewards were normalized; resume it first"
+        )
     params = {"model": _policy_of(source, state, model_config, mesh), "score": state.params["score"]}
     return RewardModel(model_config, tokenizer, params, state.frozen["normalization"])
 

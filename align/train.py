@@ -32,7 +32,7 @@ from model.generate import generate
 from train import cli, loop
 from train import workdir as workdir_lib
 from train.loop import global_batch
-from train.optimizer import make_optimizer
+from train.optimizer import learning_rate_schedule, make_optimizer
 from train.state import abstract_state, init_state, state_shardings
 from train.step import batch_sharding, compile_eval_step, compile_train_step
 
@@ -104,7 +104,7 @@ def task_accuracy(cfg, model_config, tokenizer, policy_params) -> dict[str, floa
     outputs = generate(
         model_config, policy_params, prompts, max_new_tokens=t.max_new_tokens, eos_id=tokenizer.eos_id
     )
-    scores = arithmetic.score(problems, tokenizer.decode(outputs.tokens))
+    scores = arithmetic.score(problems, online.response_texts(tokenizer, outputs.tokens))
     return {"accuracy": scores["accuracy"], "task_reward": scores["mean_reward"]}
 
 
@@ -235,6 +235,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.Res
         new_state=new_state,
         abstract_state=abstract_state(optimizer, mesh, params_boxed, frozen_boxed),
         tokens_per_step=tokens_per_step,
+        learning_rate=learning_rate_schedule(optimizer_cfg, cfg.train.steps * updates_per_step),
+        updates_per_step=updates_per_step,
         flops_per_step=flops_per_step,
         evaluate=evaluate,
         finish=normalize if cfg.method == "reward" else None,

@@ -34,7 +34,7 @@ from absl import flags
 
 import model
 from model import sharding
-from train.benchmark import pipelined_intervals, synthetic_batch, time_steps  # also defines the shared flags
+from train.benchmark import pipelined_intervals, refuse_flags, synthetic_batch, time_steps  # also defines the shared flags
 from train.cli import run_program
 from train.metrics import peak_flops_per_device
 from train.optimizer import make_optimizer
@@ -128,6 +128,7 @@ def nanogpt(directory: str, batch_size: int, seq_len: int, steps: int, compiled:
 
 def main(argv):
     del argv
+    refuse_flags("preset", "remat", "loss_chunk", "mesh", "microbatches", "compile_only", "documents_per_row")
     B, T, steps = FLAGS.batch_size, FLAGS.seq_len, FLAGS.steps
     rows = [(f"lmx ({model.attention.resolve(FLAGS.attention, T)})", ours(B, T, steps))]
     rows.append(("nanoGPT eager", nanogpt(_NANOGPT.value, B, T, steps, compiled=False)))

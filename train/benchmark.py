@@ -58,6 +58,14 @@ flags.register_multi_flags_validator(
 )
 
 
+def refuse_flags(*names: str) -> None:
+    """Stop, naming them, when flags of this module that a program built on it does not use
+    were given."""
+    given = [f"--{name}" for name in names if flags.FLAGS[name].present]
+    if given:
+        raise ValueError(f"{', '.join(given)}: not used by this program")
+
+
 def device_memory_bytes() -> int | None:
     """Memory of one device: the accelerator's, or the host's RAM for the CPU backend."""
     device = jax.devices()[0]

@@ -22,12 +22,13 @@ import grain
 import jax
 import ml_collections
 import numpy as np
+import optax
 from etils import epath
 
 from train import workdir as workdir_lib
 from train.checkpoint import Checkpointer
 from train.metrics import MetricsWriter, Progress, peak_flops_per_device
-from train.optimizer import applied_learning_rate, learning_rate_schedule
+from train.optimizer import applied_learning_rate
 from train.state import TrainState
 from train.step import batch_sharding
 
@@ -50,6 +51,8 @@ class Job:
     new_state: Callable[[], TrainState]  # a fresh state, when the workdir has no checkpoint
     abstract_state: TrainState  # shapes and shardings to restore a checkpoint into
     tokens_per_step: int
+    learning_rate: optax.Schedule  # the optimizer's schedule, over its updates
+    updates_per_step: int = 1  # optimizer updates in one step (online RL: epochs x minibatches)
     flops_per_step: float | None = None  # model FLOPs of one update, for FLOP/s and MFU
     evaluate: Callable[[TrainState], dict] | None = None  # metrics of the held-out set
     finish: Callable[[TrainState], TrainState] | None = None  # before the final checkpoint
@@ -99,7 +102,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: epath.Path, mesh, job: Job) -> 
     if start_step == 0:
         writer.hyperparameters(config_json)
     progress = Progress(steps, start_step) if is_primary else None
-    schedule = learning_rate_schedule(cfg.optimizer, steps)
     peak = peak_flops_per_device()
     timer = {"step": None, "time": None}
 
@@ -112,15 +114,17 @@ def run(cfg: ml_collections.ConfigDict, workdir: epath.Path, mesh, job: Job) -> 
                 f"(loss={values['loss']}, grad_norm={values['grad_norm']})"
             )
             if cfg.train.nonfinite == "stop":
-                raise NonFiniteError(message + "; the update was not applied and the run stops")
-            log.warning("%s; update skipped (train.nonfinite='skip')", message)
+                raise NonFiniteError(message + "; the non-finite update was not applied and the run stops")
+            log.warning("%s; the non-finite update was skipped (train.nonfinite='skip')", message)
         now = time.perf_counter()
         if timer["step"] is None:  # the first step includes compilation: time from its end
             timer.update(step=step, time=now)
         if step % cfg.train.log_every and step != steps:
             return
         row = {k: v.item() for k, v in values.items() if k not in _UNLOGGED}
-        row["lr"] = applied_learning_rate(schedule, step, values["nonfinite_steps"], values["finite"])
+        row["lr"] = applied_learning_rate(
+            job.learning_rate, step, values["nonfinite_steps"], values["finite"], job.updates_per_step
+        )
         if step > timer["step"]:
             step_time = (now - timer["time"]) / (step - timer["step"])
             row.update(step_time=step_time, tokens_per_s=job.tokens_per_step / step_time)

@@ -34,21 +34,24 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> 
     return optax.join_schedules([warmup_fn, decay], [warmup])
 
 
-def applied_learning_rate(schedule: optax.Schedule, step: int, nonfinite_steps: int, finite: bool) -> float:
-    """The learning rate update `step` (counted from 1) applied, 0 for a skipped one. A skipped
-    update leaves the optimizer state as it was, the schedule's count included (as
-    optax.apply_if_finite does), so each of the `nonfinite_steps` so far puts the schedule one
-    step behind the step number."""
-    return float(schedule(step - 1 - nonfinite_steps)) if finite else 0.0
+def applied_learning_rate(
+    schedule: optax.Schedule, step: int, nonfinite_updates: int, finite: bool, updates_per_step: int = 1
+) -> float:
+    """The learning rate the first update of `step` (counted from 1) applied, 0 when an update
+    of the step was skipped. A skipped update leaves the optimizer state as it was, the
+    schedule's count included (as optax.apply_if_finite does), so each of the
+    `nonfinite_updates` so far puts the schedule one update behind."""
+    return float(schedule((step - 1) * updates_per_step - nonfinite_updates)) if finite else 0.0
 
 
 def weight_decay_mask(params):
-    """Decay matrices (kernels and embeddings); not norm scales or biases. Decided by
-    name, since layer stacking gives norm scales two dimensions too."""
+    """Decay matrices (kernels and embeddings); not norm scales, biases or scalars (the bias
+    `b` of a reward or value head). Decided by name, since layer stacking gives norm scales two
+    dimensions too."""
 
-    def decays(path, _):
+    def decays(path, leaf):
         name = path[-1].key
-        return not (name == "scale" or name == "bias" or name.endswith("_bias"))
+        return not (name == "scale" or name == "bias" or name.endswith("_bias") or getattr(leaf, "ndim", None) == 0)
 
     return jax.tree_util.tree_map_with_path(decays, params)
 

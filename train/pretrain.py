@@ -30,7 +30,7 @@ from train import cli, loop
 from train import workdir as workdir_lib
 from train.loop import NonFiniteError, global_batch
 from train.metrics import plot_loss_curve
-from train.optimizer import make_optimizer
+from train.optimizer import learning_rate_schedule, make_optimizer
 from train.state import abstract_state, create_state
 from train.step import compile_steps
 
@@ -111,6 +111,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str
         new_state=lambda: create_state(model_config, optimizer, mesh, cfg.train.seed, imported),
         abstract_state=abstract_state(optimizer, mesh, model.abstract_params(model_config)),
         tokens_per_step=tokens_per_step,
+        learning_rate=learning_rate_schedule(cfg.optimizer, cfg.train.steps),
         flops_per_step=flops * tokens_per_step,
         evaluate=lambda state: evaluate(eval_step, state.params, corpus, cfg, mesh),
         samples=lambda state: write_samples(cfg, model_config, state.params, corpus, workdir),

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from align import source
+from align import online, source
 from align import train as align_train
 from align.tasks import arithmetic
 from experiments import quickstart
@@ -82,7 +82,7 @@ def sample(
                 rng=jax.random.fold_in(jax.random.key(seed), draw * len(prompts) + begin),
                 eos_id=tokenizer.eos_id,
             )
-            for offset, text in enumerate(tokenizer.decode(outputs.tokens)):
+            for offset, text in enumerate(online.response_texts(tokenizer, outputs.tokens)):
                 samples[begin + offset].append(text)
     return samples
 
@@ -102,7 +102,7 @@ def write_data(root: pathlib.Path, sft_workdir: pathlib.Path | None) -> None:
     for split, count, seed in (("train", _PAIR_PROBLEMS.value, 4), ("eval", 300, 5)):
         problems = arithmetic.generate(count, seed=seed, split="train" if split == "train" else "test", **digits)
         drawn = sample(sft_workdir, problems, _SAMPLES.value, _TEMPERATURE.value, seed, task.max_new_tokens)
-        # A response that is EOS alone is no example for the loaders (an empty response).
+        # A response that is EOS alone, or one holding PAD or BOS (`response_texts`), is no example.
         kept = [(p, [s for s in ss if s.strip()]) for p, ss in zip(problems, drawn)]
         problems, samples = zip(*[(p, ss) for p, ss in kept if ss])
         problems, samples = list(problems), list(samples)

@@ -14,8 +14,11 @@ import pytest
 import model
 from align.config import method_config as _cfg
 from align import data, dpo, kto, online, reward, sft, trees
+from align import train as align_train
+from align.tasks import arithmetic
 from align.logprobs import response_logps
 from model import sharding
+from model.generate import Generation
 from train.optimizer import make_optimizer
 from train.state import init_state, state_shardings
 from train.step import compile_train_step
@@ -172,6 +175,9 @@ class _DigitTokenizer:
 
     pad_id, bos_id, eos_id = 0, 2, 3
 
+    def encode(self, texts):
+        return [[10 + int(c) for c in text if c.isdigit()] for text in texts]
+
     def decode(self, rows):
         return ["".join(str(i - 10) for i in row if i >= 10) for row in rows]
 
@@ -183,6 +189,23 @@ def test_a_response_holding_pad_or_bos_scores_zero_though_its_text_is_right():
     rewards = online.scores(_DigitTokenizer(), tokens, mask, np.full(4, 417))
     assert rewards[0] == 1.0 and rewards[1] == rewards[2] == 0.0
     assert 0.0 < rewards[3] < 1.0  # 416: the checker's partial credit, PAD after EOS ignored
+
+
+def test_held_out_accuracy_reads_a_response_holding_pad_as_wrong(monkeypatch):
+    """Greedy held-out accuracy scores responses as the rollouts do (`online.response_texts`)."""
+    cfg = _cfg("sft", task=dict(name="arithmetic", problems=4))
+    t = cfg.task
+    problems = arithmetic.generate(t.problems, seed=t.seed, min_digits=t.min_digits, max_digits=t.max_digits, split="test")
+    rows = [[10 + int(c) for c in str(p.answer)] + [3] for p in problems]
+    rows[0].insert(1, 0)  # the right digits with PAD among them
+
+    def right_answers(config, params, prompts, max_new_tokens, eos_id):
+        assert len(prompts) == len(problems) and eos_id == 3
+        return Generation(rows, [[0.0] * len(r) for r in rows])
+
+    monkeypatch.setattr(align_train, "generate", right_answers)
+    scores = align_train.task_accuracy(cfg, None, _DigitTokenizer(), None)
+    assert scores == {"accuracy": 0.75, "task_reward": 0.75}
 
 
 def test_a_cut_response_is_read_at_its_last_kept_token_in_pairs_and_rollouts(tmp_path):

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -213,6 +214,19 @@ def test_ppo_killed_resumes_on_the_uninterrupted_trajectory(sft_run, data_dir, t
     assert _losses(killed) == _losses(reference)
 
 
+def test_an_unfinished_reward_run_is_refused_as_a_scorer(reward_run, tmp_path):
+    """Its rewards are normalized when it finishes; before, a scorer would read raw rewards."""
+    workdir, _, _ = reward_run
+    stopped = tmp_path / "reward"
+    shutil.copytree(workdir, stopped)
+    config = json.loads((stopped / "config.json").read_text())
+    config["train"]["steps"] = 20  # the run now stopped at its step 10 of 20
+    (stopped / "config.json").write_text(json.dumps(config))
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    with pytest.raises(ValueError, match=r"stopped at step 10 of 20, before its rewards were normalized"):
+        source.reward_model(stopped, mesh)
+
+
 @pytest.fixture(scope="module")
 def reward_run(pretrained, data_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reward")
@@ -331,6 +345,14 @@ def test_config_errors_name_the_key(tmp_path, key, value, message):
         ("task.name", "", r"config.task.name='': grpo takes its prompts and rewards from a task"),
         ("rl.value_init", "reward_model", r"config.rl.value_init='reward_model': needs rl.reward_model"),
         ("rl.kl_horizon", 0, r"config.rl.kl_horizon=0: must be positive"),
+        ("rl.samples_per_prompt", 0, r"config.rl.samples_per_prompt=0: must be at least 1"),
+        ("rl.clip_eps", -0.2, r"config.rl.clip_eps=-0.2: must be positive"),
+        ("rl.kl_target", -1.0, r"config.rl.kl_target=-1.0: must be >= 0"),
+        ("rl.missing_eos_penalty", -5.0, r"config.rl.missing_eos_penalty=-5.0: must be >= 0"),
+        ("rl.missing_eos_penalty", 1.0, r"config.rl.missing_eos_penalty=1.0: a PPO setting, which GRPO does not use"),
+        ("rl.gamma", 0.9, r"config.rl.gamma=0.9: a PPO setting"),
+        ("task.max_new_tokens", 0, r"config.task.max_new_tokens=0: must be at least 1"),
+        ("task.max_new_tokens", 10_000, r"config.task.max_new_tokens=10000: with data.max_prompt_len=\d+, exceeds"),
     ],
 )
 def test_online_config_errors_name_the_key(tmp_path, key, value, message):

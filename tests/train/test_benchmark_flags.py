@@ -45,6 +45,22 @@ def test_scripts_sharing_the_benchmark_flags_define_each_flag_once(module):
     assert result.returncode == 0, result.stderr  # DuplicateFlagError on a flag defined twice
 
 
+@pytest.mark.parametrize(
+    "module, arguments, expected",
+    [
+        ("experiments.peers", ["--nanogpt=/nonexistent", "--mesh=2,1,1", "--remat=full"], "--remat, --mesh: not used by this program"),
+        ("align.benchmark", ["--loss_chunk=8"], "--loss_chunk: not used by this program"),
+    ],
+)
+def test_scripts_refuse_the_shared_flags_they_do_not_use(module, arguments, expected):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    result = subprocess.run(
+        [sys.executable, "-m", module, *arguments], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"error: {expected}"], result.stderr
+
+
 def test_timed_steps_are_each_queued_before_the_one_ahead_is_waited_for():
     """`pipelined_intervals` keeps one step in flight, as training does: the order of
     dispatches and waits, and one interval per timed step. (A subprocess: train.benchmark's

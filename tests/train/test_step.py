@@ -134,10 +134,41 @@ def test_the_logged_learning_rate_is_the_one_each_update_applied():
     np.testing.assert_allclose(logged, moved, atol=1e-6)
 
 
+def test_the_logged_learning_rate_counts_updates_when_a_step_makes_several():
+    """Online RL makes several updates per step (epochs x minibatches) on a schedule over
+    updates: with two per step and the third update skipped, each step logs the rate its first
+    update applied, and the step holding the skipped one logs 0."""
+    cfg = ml_collections.ConfigDict(dict(OPT, lr=1.0, min_lr_ratio=0.0, warmup_steps=0, schedule="linear",
+                                         b1=0.0, b2=0.0, eps=1e-30, weight_decay=0.0, clip_norm=0.0))
+    tx = optim.make_optimizer(cfg, total_steps=8)
+    schedule = optim.learning_rate_schedule(cfg, total_steps=8)
+
+    def loss_fn(params, frozen, batch, rng):
+        objective = params["w"] * jnp.where(batch["poison"][0], jnp.nan, 1.0)
+        return LossOutput(objective, jnp.float32(1.0), {})
+
+    update = jax.jit(functools.partial(train_step, loss_fn=loss_fn, optimizer=tx, microbatches=1))
+    state = init_state({"w": jnp.float32(0.0)}, tx, seed=0)
+    logged, first_moves = [], []
+    for step, poisons in enumerate([(False, False), (True, False), (False, False), (False, False)], start=1):
+        finite = True
+        for i, poison in enumerate(poisons):
+            w = float(state.params["w"])
+            state, metrics = update(state, {"poison": np.array([poison])})
+            finite &= bool(metrics["finite"])
+            if i == 0:
+                first_moves.append(w - float(state.params["w"]))
+        logged.append(optim.applied_learning_rate(schedule, step, int(state.nonfinite_steps), finite, updates_per_step=2))
+    np.testing.assert_allclose(first_moves, [1.0, 0.0, 0.625, 0.375], atol=1e-6)
+    np.testing.assert_allclose(logged, first_moves, atol=1e-6)
+
+
 def test_weight_decay_skips_norms_and_biases():
-    params = {"layers": {"attn_norm": {"scale": 0}, "attn": {"q": 0, "q_bias": 0}}, "embedding": 0, "final_norm": {"scale": 0, "bias": 0}}
+    params = {"layers": {"attn_norm": {"scale": 0}, "attn": {"q": 0, "q_bias": 0}}, "embedding": 0, "final_norm": {"scale": 0, "bias": 0},
+              "score": {"w": np.zeros(4), "b": np.float32(0)}}
     mask = optim.weight_decay_mask(params)
-    assert mask == {"layers": {"attn_norm": {"scale": False}, "attn": {"q": True, "q_bias": False}}, "embedding": True, "final_norm": {"scale": False, "bias": False}}
+    assert mask == {"layers": {"attn_norm": {"scale": False}, "attn": {"q": True, "q_bias": False}}, "embedding": True, "final_norm": {"scale": False, "bias": False},
+                    "score": {"w": True, "b": False}}
 
 
 @pytest.mark.parametrize(
