@@ -63,12 +63,13 @@ class Generation:
 
 
 def _filter_logits(logits_BV, s: Sampling):
-    """Logits outside the top-k / top-p / min-p sets set to -inf."""
+    """Logits outside the top-k / top-p / min-p sets set to -inf. As Hugging Face's warpers
+    chain them: the nucleus is taken from the probabilities renormalized over the top k."""
     V = logits_BV.shape[-1]
     sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
     k = jnp.where(s.top_k > 0, jnp.clip(s.top_k, 1, V), V)
     kth_B = jnp.take(sorted_BV, k - 1, axis=-1)
-    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    probs_BV = jax.nn.softmax(jnp.where(jnp.arange(V) < k, sorted_BV, -jnp.inf), axis=-1)
     mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
     # Nucleus: the smallest prefix of the sorted tokens whose mass reaches top_p, and at least
     # the most likely token, so that top_p 0 is greedy rather than an empty set.
@@ -274,7 +275,9 @@ def _beam_search(config, params, prompts_BP, lengths_B, budget, eos_id, length_p
         cache = {**cache, "k": per_layer(cache["k"], lambda b: b[rows_R]), "v": per_layer(cache["v"], lambda b: b[rows_R])}
         next_R = take(token_BC, alive).reshape(-1)
         logits_RV, cache = decode_step(config, params, next_R, cache, positions=positions_R + t)
-        # Done once W have finished and the best alive score, at any longer length, cannot win.
+        # Done once W have finished and none beats the best alive score at the current length
+        # (Hugging Face's early_stopping=False; exact for length_penalty <= 0, where a longer
+        # hypothesis scores no higher).
         best_alive_B = alive_scores[:, 0] / (t + 1.0) ** length_penalty
         done = state["done"] | (jnp.isfinite(finished_scores[:, -1]) & (finished_scores[:, -1] >= best_alive_B))
         return {

@@ -85,6 +85,8 @@ def test_sampling_draws_from_the_tempered_distribution(params):
         (Sampling(temperature=1.0, top_p=0.69), {0, 1}),
         (Sampling(temperature=1.0, min_p=0.5), {0, 1}),  # p >= 0.2
         (Sampling(temperature=2.0, top_k=2, top_p=0.99), {0, 1}),
+        # The nucleus of the top 2 renormalized (0.57, 0.43), as Hugging Face's warpers chain.
+        (Sampling(temperature=1.0, top_k=2, top_p=0.5), {0}),
     ],
 )
 def test_filters_never_sample_outside_their_set(sampling, allowed):
