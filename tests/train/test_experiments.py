@@ -1,6 +1,9 @@
 """The experiment presets validate on the machines they are written for, and multi-host
 launches are checked per process before anything compiles."""
 
+import pathlib
+import subprocess
+
 import pytest
 
 from align import config as align_config
@@ -51,3 +54,13 @@ def test_multi_host_mismatches_name_the_key(n_devices, n_processes, overrides, m
 @pytest.mark.parametrize("variant", arithmetic.VARIANTS)
 def test_post_training_variants_validate(variant):
     align_config.validate(arithmetic.get_config(variant), n_devices=1, n_processes=1)
+
+
+def test_gpu_benchmarks_refuse_an_unknown_section_before_running_any():
+    root = pathlib.Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        ["bash", "experiments/gpu_benchmarks.sh", "/nanogpt", "tests", "step", "profile"],
+        cwd=root, capture_output=True, text=True, timeout=60,
+    )
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.strip() == "unknown section 'profile': expected tests, step, peers or generation"
