@@ -165,6 +165,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: epath.Path, mesh, job: Job) -> 
                     last_eval = evaluate(step)
                     timer.update(step=step, time=time.perf_counter())
                 if step != steps and (step % cfg.checkpoint.every_steps == 0 or preempted.is_set()):
+                    report(*pending)  # under nonfinite='stop' a failed step raises before its state is saved
+                    pending = None
                     checkpointer.save(step, state, job.batches, config_json)
                 if preempted.is_set():
                     break

@@ -19,7 +19,9 @@ from train.workdir import flatten, is_remote
 
 # Dense bf16 peak FLOP/s per chip, from vendor data sheets.
 PEAK_FLOPS = {
-    "H100": 989e12,
+    "H100": 989e12,  # SXM
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
     "H200": 989e12,
     "A100": 312e12,
     "TPU v4": 275e12,

@@ -4,6 +4,7 @@ command line cannot apply (an unknown key, a missing config file) stop it before
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -35,6 +36,10 @@ def test_nonfinite_stop_ends_with_its_message_and_leaves_no_partial_checkpoint(t
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: non-finite loss or gradients at step"), result.stderr[-3000:]
     assert "Traceback" not in result.stderr
+    # Every step is a checkpoint step: the last one saved is the step before the failed one.
+    failed = int(re.search(r"at step (\d+)", lines[-1])[1])
+    saved = [int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert max(saved) == failed - 1
     assert not list((tmp_path / "run" / "checkpoints").glob("*orbax-checkpoint-tmp*"))
     assert not (tmp_path / "run" / "run.lock").exists()
 
