@@ -15,7 +15,8 @@ what the response answers) and the response its start; a cut response loses its 
 did not end there. A reward model reads a preference row's inputs up to its last response token,
 which a cut response's row would hold only as a target: so a cut preference response keeps one
 token fewer and ends with CUT in place of EOS, and its row has that token as its last input, with
-no target. As max_prompt_len < seq_len, every example keeps at least one response token. A
+no target. As max_prompt_len < seq_len (seq_len - 1 for preference data, whose cut responses
+keep one token fewer), every example keeps at least one response token. A
 preference pair whose chosen and rejected read the same tokens after truncation (all but the
 final EOS or CUT) carries no signal for a reward model and is dropped. The report of `load`
 counts truncations and drops.
@@ -112,10 +113,11 @@ def load(
         raise ValueError(f"kind={kind!r} is not one of {KINDS}")
     if split not in ("train", "eval"):
         raise ValueError(f"split={split!r} is not 'train' or 'eval'")
-    if not 0 < cfg.max_prompt_len < seq_len:
+    limit = seq_len - 1 if kind == "preference" else seq_len  # a cut preference response keeps one token fewer
+    if not 0 < cfg.max_prompt_len < limit:
         raise ValueError(
-            f"max_prompt_len={cfg.max_prompt_len} must be in [1, seq_len={seq_len}): the prompt "
-            "must leave room for the response"
+            f"max_prompt_len={cfg.max_prompt_len} must be in [1, {limit}) for {kind} data at seq_len={seq_len}: "
+            "the prompt must leave room for a response token"
         )
     paths = cfg.train_paths if split == "train" else cfg.eval_paths
     if split == "train" and not paths:

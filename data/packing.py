@@ -3,7 +3,7 @@
 A batch is a dict of int32 [B, L] arrays:
   inputs, targets  next-token pairs; within a document targets[t] == inputs[t + 1]
   segment_ids      1, 2, ... for the documents of a row; 0 marks padding (loss mask: > 0)
-  positions        0, 1, ... restarting at every document
+  positions        0, 1, ... restarting at every segment (a document, or a chunk of a long one)
 A document [BOS, t1..tn, EOS] contributes the pairs (doc[:-1], doc[1:]). One longer than L pairs
 is cut into chunks of L + 1 tokens overlapping by one token, so no target is lost; each chunk is
 its own segment. grain's first-fit packing places whole chunks into rows, so every token of

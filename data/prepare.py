@@ -200,7 +200,8 @@ def run(cfg, host_index: int = 0, host_count: int = 1, verbose: bool = False) ->
 def run_in_subprocess(cfg) -> None:
     """`run(cfg)` in a new Python process: how a program that already runs JAX prepares
     (datatrove's local executor starts its manager process by fork, and a fork of a process
-    with JAX's threads running may hang)."""
+    with JAX's threads running may hang). It runs in this process's directory, where the
+    settings' relative paths point, with the project on its import path."""
     import subprocess
 
     code = (
@@ -208,7 +209,8 @@ def run_in_subprocess(cfg) -> None:
         "cli.exit_on_input_error(lambda: prepare.run(ml_collections.ConfigDict(json.loads(sys.argv[1]))))"
     )
     project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if subprocess.run([sys.executable, "-c", code, cfg.to_json()], cwd=project).returncode:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [project, os.environ.get("PYTHONPATH")]))}
+    if subprocess.run([sys.executable, "-c", code, cfg.to_json()], env=env).returncode:
         raise RuntimeError("preparing config.data failed (its error is printed above)")
 
 

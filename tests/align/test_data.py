@@ -90,7 +90,7 @@ def test_prompt_and_response_are_tokenized_separately(tok, words, tmp_path):
     # Joined, a merge across the boundary would change the response's first tokens.
     assert encode(prompt + response) != encode(prompt) + encode(response)
     record = {"prompt": prompt, "chosen": response, "rejected": words[2]}
-    examples, _ = _load("preference", tok, _write(tmp_path, [record]), max_prompt_len=T - 1)
+    examples, _ = _load("preference", tok, _write(tmp_path, [record]), max_prompt_len=T - 2)
     assert examples[0]["prompt"].tolist() == [BOS, *encode(prompt)]
     assert examples[0]["chosen"].tolist() == [*encode(response), EOS]
     (batch,) = data.eval_batches(examples, "preference", seq_len=T, batch_size=1)
@@ -371,8 +371,11 @@ def test_bad_input_names_file_line_and_field(kind, line, message, tok, words, tm
 
 def test_requests_that_cannot_be_served_are_refused(tok, words, tmp_path):
     path = _write(tmp_path, _records("kto", words, 3))
-    with pytest.raises(ValueError, match=r"max_prompt_len=24 must be in \[1, seq_len=24\)"):
+    with pytest.raises(ValueError, match=r"max_prompt_len=24 must be in \[1, 24\) for kto data at seq_len=24"):
         _load("kto", tok, path, max_prompt_len=T)
+    # A cut preference response keeps one token fewer: at T - 1 it would keep none.
+    with pytest.raises(ValueError, match=r"max_prompt_len=23 must be in \[1, 23\) for preference data"):
+        _load("preference", tok, _write(tmp_path, _records("preference", words, 3), "pairs.jsonl"), max_prompt_len=T - 1)
     with pytest.raises(ValueError, match=r"missing\.jsonl: no such file"):
         _load("kto", tok, str(tmp_path / "missing.jsonl"))
     examples, _ = _load("kto", tok, path)

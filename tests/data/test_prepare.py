@@ -4,6 +4,7 @@ killed preparation resumed by running only its unfinished tasks."""
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,8 +13,9 @@ import time
 
 import pytest
 
-from data import pipeline
+from data import pipeline, prepare
 from data.steps import Layout
+from tests.data import corpora
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -136,3 +138,16 @@ def test_ray_on_a_two_raylet_cluster_writes_the_same_bytes_as_local(prepared, tm
         ray.shutdown()
         cluster.shutdown()
     _assert_same_corpus(corpus, local)
+
+
+def test_preparing_in_a_subprocess_reads_relative_paths_from_the_callers_directory(text_corpus, tmp_path, monkeypatch):
+    """A run that finds no corpus prepares it in a new process (`run_in_subprocess`); its
+    relative data paths and cache directory mean there what they mean to the caller."""
+    directory, texts = text_corpus
+    shutil.copytree(directory, tmp_path / "mycorpus")
+    monkeypatch.chdir(tmp_path)
+    cfg = corpora.small_config(pathlib.Path("mycorpus"), pathlib.Path("cache"))
+    prepare.run_in_subprocess(cfg)
+    corpus = pipeline.open_corpus(cfg)
+    assert corpus.directory.resolve().parent == tmp_path / "cache"
+    assert corpus.report["documents_in"] == len(texts)
