@@ -130,7 +130,7 @@ def param_counts(config: ModelConfig) -> dict[str, int]:
     bias = config.use_bias
     attention = d * (q_dim + 2 * kv_dim) + q_dim * d + bias * (q_dim + 2 * kv_dim + d)
     n_mlp_in = 2 if config.mlp == "swiglu" else 1
-    mlp = n_mlp_in * d * config.d_ff + config.d_ff * d + bias * (n_mlp_in * config.d_ff + d)
+    mlp = n_mlp_in * d * config.d_ff + config.d_ff * d + bias * (config.d_ff + d)  # no gate bias
     norm = d * (2 if config.norm == "layernorm" and bias else 1)
     layer = attention + mlp + 2 * norm
     body = config.n_layers * layer + norm  # + final norm

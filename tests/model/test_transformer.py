@@ -129,9 +129,15 @@ def test_remat_lowers_the_compiled_gradients_memory():
     assert temporaries(config.replace(remat="dots")) < 0.6 * none
 
 
-@pytest.mark.parametrize("preset", ["llama-tiny", "gpt2-124m", "gpt2-350m", "llama-small", "llama-1b"])
-def test_param_counts_match_the_parameter_tree(preset):
-    config = model.get_config(preset)
+@pytest.mark.parametrize(
+    "preset, overrides",
+    [
+        ("llama-tiny", {}), ("gpt2-124m", {}), ("gpt2-350m", {}), ("llama-small", {}), ("llama-1b", {}),
+        ("llama-tiny", {"use_bias": True}),  # SwiGLU with biases: up and down, no gate bias
+    ],
+)
+def test_param_counts_match_the_parameter_tree(preset, overrides):
+    config = model.get_config(preset).replace(**overrides)
     shapes = jax.eval_shape(lambda: model.init_params(config, jax.random.key(0)))
     total = sum(np.prod(x.shape) for x in jax.tree.leaves(shapes))
     embeddings = sum(
