@@ -2,9 +2,10 @@
 
 Runs that share a compute budget form an IsoFLOP profile. A parabola in log N fitted to
 each profile's losses gives the loss-minimizing size N_opt at that budget; D_opt is read
-off the same profile (log D is linear in log N within a budget, whatever the FLOP
-accounting, so it is interpolated rather than assumed to be C / 6N). Power laws through
-the minima give N_opt(C) and D_opt(C).
+off the same profile, from a quadratic through the runs' (log N, log D) rather than assumed
+to be C / 6N: log D is linear in log N only when C = 6ND, and curved under the model
+accounting, whose attention FLOPs per token do not grow with N. Power laws through the
+minima give N_opt(C) and D_opt(C).
 """
 
 from __future__ import annotations
@@ -62,11 +63,11 @@ def isoflop_minima(n_params, tokens, flops, loss, rel_tol: float = 0.1, keys=Non
             dropped.append({"flops": float(budget), "runs": int(runs.sum()), "reason": "no interior minimum"})
             continue
         log_n_opt = -parabola[1] / (2 * parabola[0])
-        log_d_line = np.polyfit(log_n, np.log(tokens[runs]), 1)
+        log_d_curve = np.polyfit(log_n, np.log(tokens[runs]), 2)
         minima.append(IsoflopMinimum(
             flops=float(budget),
             n_opt=float(np.exp(log_n_opt)),
-            d_opt=float(np.exp(np.polyval(log_d_line, log_n_opt))),
+            d_opt=float(np.exp(np.polyval(log_d_curve, log_n_opt))),
             loss_opt=float(np.polyval(parabola, log_n_opt)),
             parabola=tuple(float(p) for p in parabola),
         ))

@@ -5,7 +5,9 @@
         --n-col "Model Size" --c-col "Training FLOP" --loss-col loss --exclude-top-loss 5 --approach 3
 
 Approaches: 1 (envelope of the loss curves in each run's workdir), 2 (IsoFLOP parabolas),
-3 (parametric L(N, D) = E + A/N^alpha + B/D^beta; JSON keys E, A, B, alpha, beta, a, b),
+3 (parametric L(N, D) = E + A/N^alpha + B/D^beta; JSON keys E, A, B, alpha, beta, a, b; the
+law sees only N and D, so its allocation at the target is along C = 6ND whatever the table's
+C column counts: --flops-6nd puts every approach on that accounting),
 kaplan (joint L(N, D) of Kaplan et al., its limits L(N) and L(D), and L(C) on the lowest
 loss per budget).
 Column defaults are the sweep's table (`runs.DEFAULT_COLUMNS`); see `runs.py` for how D

@@ -34,6 +34,16 @@ def test_tokens_follow_the_profile_not_6nd():
         assert 8 * m.n_opt * m.d_opt == pytest.approx(m.flops, rel=1e-6)
 
 
+def test_tokens_follow_a_profile_with_attention_flops():
+    # FLOPs per token 6N + a constant (attention, which does not grow with N), as the model
+    # accounting counts them: log D is curved in log N, and D_opt still spends the budget.
+    n, d, c, loss = isoflop_sweep(noise=0.0)
+    per_token = 6 * n + 0.5 * n.min()
+    minima = approach2.isoflop_minima(n, c / per_token, c, loss)
+    for m in minima:
+        assert (6 * m.n_opt + 0.5 * n.min()) * m.d_opt == pytest.approx(m.flops, rel=2e-3)
+
+
 def test_budget_without_bracketing_sizes_is_skipped():
     n, d, c, loss = isoflop_sweep(noise=0.0)
     first = c == BUDGETS[0]
