@@ -10,9 +10,9 @@ line, with plots: `python -m experiments.scaling.fit --input
 experiments/scaling/data/svg_extracted_data.csv --n-col "Model Size" --c-col
 "Training FLOP" --loss-col loss --exclude-top-loss 5 --approach 3 --plots-dir DIR`.
 
-Measured on the 2-core CPU (jax 0.10.2, shared with other jobs): E 1.8172, A 477.83,
-B 2143.4, alpha 0.34731, beta 0.36717 (a 0.5139, b 0.4861), objective 1.01827e-3, reached
-by about 870 of the 4,500 starts; 10-15 s per fit, about 4 s of it compilation.
+Measured on the 2-core CPU at eca7335: E 1.8172, A 477.83, B 2143.4, alpha 0.34731, beta
+0.36717 (a 0.5139, b 0.4861), objective 1.01827e-3, reached by 1,218 of the 4,500 starts;
+3.4 s per fit, 0.9 s of it compilation (the README gives the whole command's time).
 scipy's L-BFGS-B from the same 4,500 starts, one at a time, reaches the same optimum.
 """
 
