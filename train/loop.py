@@ -159,14 +159,15 @@ def run(cfg: ml_collections.ConfigDict, workdir: epath.Path, mesh, job: Job) -> 
                 if pending is not None:
                     report(*pending)
                 pending = (step, metrics)
-                if job.evaluate and step % cfg.eval.every_steps == 0 and step != steps:
+                evaluates = job.evaluate and step % cfg.eval.every_steps == 0 and step != steps
+                saves = step != steps and (step % cfg.checkpoint.every_steps == 0 or preempted.is_set())
+                if evaluates or saves:  # under nonfinite='stop' a failed step raises before its state is saved
                     report(*pending)
                     pending = None
+                if evaluates:
                     last_eval = evaluate(step)
                     timer.update(step=step, time=time.perf_counter())
-                if step != steps and (step % cfg.checkpoint.every_steps == 0 or preempted.is_set()):
-                    report(*pending)  # under nonfinite='stop' a failed step raises before its state is saved
-                    pending = None
+                if saves:
                     checkpointer.save(step, state, job.batches, config_json)
                 if preempted.is_set():
                     break
