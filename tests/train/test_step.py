@@ -110,24 +110,30 @@ def test_nonfinite_update_is_skipped_and_counted():
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(new_state.opt_state), opt_before)
 
 
-def test_the_logged_learning_rate_is_the_one_each_update_applied():
-    """With b1 = b2 = 0 Adam's update is the gradient's sign, so one scalar parameter moves by
-    exactly the learning rate; the second update is non-finite and skipped."""
+def _sign_adam(total_updates):
+    """(jitted update, state, schedule) of one scalar parameter under Adam with b1 = b2 = 0,
+    whose update is the gradient's sign: the parameter moves by exactly the learning rate. A
+    batch {"poison": [True]} makes the update non-finite."""
     cfg = ml_collections.ConfigDict(dict(OPT, lr=1.0, min_lr_ratio=0.0, warmup_steps=0, schedule="linear",
                                          b1=0.0, b2=0.0, eps=1e-30, weight_decay=0.0, clip_norm=0.0))
-    tx = optim.make_optimizer(cfg, total_steps=10)
-    schedule = optim.learning_rate_schedule(cfg, total_steps=10)
+    tx = optim.make_optimizer(cfg, total_steps=total_updates)
 
     def loss_fn(params, frozen, batch, rng):
         objective = params["w"] * jnp.where(batch["poison"][0], jnp.nan, 1.0)
         return LossOutput(objective, jnp.float32(1.0), {})
 
-    step_fn = jax.jit(functools.partial(train_step, loss_fn=loss_fn, optimizer=tx, microbatches=1))
+    update = jax.jit(functools.partial(train_step, loss_fn=loss_fn, optimizer=tx, microbatches=1))
     state = init_state({"w": jnp.float32(0.0)}, tx, seed=0)
+    return update, state, optim.learning_rate_schedule(cfg, total_steps=total_updates)
+
+
+def test_the_logged_learning_rate_is_the_one_each_update_applied():
+    """The second update is non-finite and skipped."""
+    update, state, schedule = _sign_adam(10)
     logged, moved = [], []
     for step, poison in enumerate([False, True, False, False], start=1):
         w = float(state.params["w"])
-        state, metrics = step_fn(state, {"poison": np.array([poison])})
+        state, metrics = update(state, {"poison": np.array([poison])})
         moved.append(w - float(state.params["w"]))
         logged.append(optim.applied_learning_rate(schedule, step, int(metrics["nonfinite_steps"]), bool(metrics["finite"])))
     np.testing.assert_allclose(moved, [1.0, 0.0, 0.9, 0.8], atol=1e-6)
@@ -138,17 +144,7 @@ def test_the_logged_learning_rate_counts_updates_when_a_step_makes_several():
     """Online RL makes several updates per step (epochs x minibatches) on a schedule over
     updates: with two per step and the third update skipped, each step logs the rate its first
     update applied, and the step holding the skipped one logs 0."""
-    cfg = ml_collections.ConfigDict(dict(OPT, lr=1.0, min_lr_ratio=0.0, warmup_steps=0, schedule="linear",
-                                         b1=0.0, b2=0.0, eps=1e-30, weight_decay=0.0, clip_norm=0.0))
-    tx = optim.make_optimizer(cfg, total_steps=8)
-    schedule = optim.learning_rate_schedule(cfg, total_steps=8)
-
-    def loss_fn(params, frozen, batch, rng):
-        objective = params["w"] * jnp.where(batch["poison"][0], jnp.nan, 1.0)
-        return LossOutput(objective, jnp.float32(1.0), {})
-
-    update = jax.jit(functools.partial(train_step, loss_fn=loss_fn, optimizer=tx, microbatches=1))
-    state = init_state({"w": jnp.float32(0.0)}, tx, seed=0)
+    update, state, schedule = _sign_adam(8)
     logged, first_moves = [], []
     for step, poisons in enumerate([(False, False), (True, False), (False, False), (False, False)], start=1):
         finite = True
