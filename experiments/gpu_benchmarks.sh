@@ -10,7 +10,8 @@
 #
 # With no section named, all four run in that order. `peers` needs torch, and `generation`
 # torch and transformers for its comparison (without them it times this side alone). PYTHON
-# names the interpreter (default python3).
+# names the interpreter (default python3), which needs jax with CUDA, flax, optax, absl, etils
+# and ml-collections (what these four sections import), not the whole project install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nanogpt=${1:?usage: $0 NANOGPT_DIR [tests] [step] [peers] [generation]}
