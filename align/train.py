@@ -77,9 +77,13 @@ def _per_example(fn, params, frozen, examples, kind, cfg, mesh, shardings) -> np
 
 def _cached_reference(cfg, workdir, model_config, mesh, shardings, start_trees, examples, split):
     """Reference log-probs [N, 2] of every pair under the starting policy, computed once and
-    kept in the workdir, so a resumed run uses the same values."""
+    kept in the workdir, so a resumed run uses the same values. Only a run that resumes from a
+    checkpoint reads them back: one killed before its first checkpoint may have left values of
+    another starting model (`init.from_workdir` since holding a newer checkpoint, say)."""
     path = workdir / REFERENCE_CACHE.format(split=split)
-    if path.exists():
+    checkpoints = workdir / "checkpoints"
+    resuming = checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir())
+    if resuming and path.exists():
         with path.open("rb") as f:
             values = np.load(f)
         if len(values) == len(examples):

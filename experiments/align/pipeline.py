@@ -59,11 +59,6 @@ _LAST_STEPS = 10  # logged steps averaged for a frontier point
 _PASS_K = 8  # temperature-1 samples per held-out problem in `sampled_accuracy`
 
 
-def _finished(workdir: pathlib.Path, steps: int) -> bool:
-    metrics = workdir / "metrics.jsonl"
-    return metrics.exists() and any(r["step"] >= steps for r in read_metrics(metrics))
-
-
 def sample(
     workdir: pathlib.Path, problems, n: int, temperature: float, seed: int, max_new_tokens: int
 ) -> list[list[str]]:
@@ -310,7 +305,7 @@ def main(argv):
     pretrained = pathlib.Path(_PRETRAINED.value or root / "pretrained")
     base = quickstart.get_config()
     base.data.tokenizer.split_digits = True
-    if not _PRETRAINED.value and not _finished(pretrained, base.train.steps):
+    if not _PRETRAINED.value:  # resumes, or evaluates a finished run again
         pretrain.run(base, pretrained)
     # Each data stage is done once the file it writes last exists.
     if not (root / "data" / "sft_eval.jsonl").exists():

@@ -152,6 +152,21 @@ def test_dpo_killed_resumes_on_the_uninterrupted_trajectory(sft_run, data_dir, t
     assert _losses(killed) == losses
 
 
+def test_a_fresh_dpo_run_recomputes_a_reference_cache_it_finds(sft_run, data_dir, tmp_path):
+    """A cache left by a run killed before its first checkpoint may be of another starting
+    model: a run with no checkpoint to resume computes the reference anew (policy = reference
+    at step 1); a resumed run keeps it (the SIGKILL test above)."""
+    cfg = align_cfg("dpo", sft_run[0], data_dir, dpo=dict(reference="cached"), train=dict(steps=1))
+    align_train.run(cfg, tmp_path / "first")
+    cache = align_train.REFERENCE_CACHE.format(split="train")
+    computed = np.load(tmp_path / "first" / cache)
+    (tmp_path / "second").mkdir()
+    np.save(tmp_path / "second" / cache, computed - 17.0)  # as if from another model
+    align_train.run(cfg, tmp_path / "second")
+    np.testing.assert_array_equal(np.load(tmp_path / "second" / cache), computed)
+    assert read_metrics(tmp_path / "second" / "metrics.jsonl")[0]["rewards/margins"] == 0.0
+
+
 def rl_cfg(method, init, data_dir, **sections):
     cfg = align_cfg(method, init, data_dir, task=dict(name="arithmetic", problems=8, max_new_tokens=4))
     cfg.train.update(steps=4, batch_size=8)
