@@ -9,7 +9,6 @@ merged into their base). The policy's weights come back sharded on the mesh.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from typing import Callable
 
@@ -80,13 +79,13 @@ def reward_model(workdir, mesh, setting: str = "rl.reward_model") -> RewardModel
 
 def _run_of(workdir, setting: str):
     """(workdir, its config, model config, tokenizer) of a run's workdir."""
-    workdir = workdir_lib.resolve(workdir)
+    workdir = workdir_lib.resolve(workdir, setting)
     config_file = workdir / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{setting}={str(workdir)!r}: no config.json there (not a run's workdir)")
     if not (workdir / "checkpoints").is_dir():
         raise FileNotFoundError(f"{setting}={str(workdir)!r}: no checkpoints directory")
-    source = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    source = ml_collections.ConfigDict(workdir_lib.read_config(workdir))
     model_config = model.ModelConfig(**source.model.to_dict())
     tokenizer_file = workdir / TOKENIZER_FILE
     if tokenizer_file.is_file():

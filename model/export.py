@@ -44,7 +44,10 @@ def family(config: ModelConfig) -> str:
 
 def to_hf(config: ModelConfig, params, out: pathlib.Path, tokenizer_model: epath.PathLike | None = None) -> None:
     out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file where the directory should be
+        raise ValueError(f"--out={out}: {error.strerror or error}") from None
     params = jax.tree.map(lambda a: np.asarray(a, np.float32), jax.device_get(params))
     V = config.vocab_size  # the rows of padded ids are not written
     params = {k: a[:V] if k in ("embedding", "head") else a for k, a in params.items()}

@@ -35,6 +35,10 @@ _SEED = flags.DEFINE_integer("seed", 0, "Random seed of the sampler.")
 
 def main(argv):
     del argv
+    sampling_flags = ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty", "seed")
+    ignored = [f"--{name}" for name in sampling_flags if flags.FLAGS[name].present]
+    if _BEAMS.value and (ignored or _SAMPLES.value > 1):
+        raise ValueError(f"--beams={_BEAMS.value} searches; it takes none of {ignored or ['--num_samples']}")
     start = source.from_workdir(_WORKDIR.value, setting="--workdir")
     tokenizer, config = start.tokenizer, start.model_config
     params = start.load_params(sharding.make_mesh((-1, 1, 1), model_config=config))

@@ -13,7 +13,6 @@ UTF-8 bytes of the documents, in base 2. Works for pretraining and post-training
 
 from __future__ import annotations
 
-import json
 import math
 import pathlib
 import tempfile
@@ -30,6 +29,7 @@ from model import sharding
 from train.cli import run_program
 from train.loop import global_batch
 from train.state import tree_shardings
+from train import workdir as workdir_lib
 from train.step import compile_eval_step, language_model_loss
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir: its newest checkpoint is scored.", required=True)
@@ -43,15 +43,16 @@ def read_texts(paths: list[str], text_unit: str = "file", text_field: str = "tex
     cfg = pipeline.default_config()
     cfg.update(source="files", paths=tuple(paths), max_bytes=0, text_unit=text_unit, text_field=text_field)
     documents, report = sources.read_documents(cfg)
-    if not documents:
-        raise ValueError(f"--paths={list(paths)}: no documents ({report.summary()})")
-    return [d.text for d in documents]
+    texts = [d.text for d in documents if d.text]  # an empty one has no bytes to score
+    if not texts:
+        raise ValueError(f"--paths={list(paths)}: no documents with text ({report.summary()})")
+    return texts
 
 
 def evaluate(workdir: epath.PathLike, texts: list[str], batch_size: int = 0) -> dict[str, float]:
     """{'loss' (nats per token), 'perplexity', 'bits_per_byte', 'tokens', 'documents'}."""
     start = source.from_workdir(workdir, setting="--workdir")
-    run = ml_collections.ConfigDict(json.loads((epath.Path(workdir) / "config.json").read_text()))
+    run = ml_collections.ConfigDict(workdir_lib.read_config(workdir))
     batch_size = batch_size or run.eval.batch_size
     mesh = sharding.make_mesh((-1, 1, 1), model_config=start.model_config)
     # Each process reads its share of the rows, and the global batch splits over the devices.

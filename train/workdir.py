@@ -51,10 +51,22 @@ def process_running(pid: int) -> bool:
     return True
 
 
-def resolve(path) -> epath.Path:
-    """`path` as an `epath.Path`: an object-store URI as it is, a local path made absolute."""
+def resolve(path, setting: str = "--workdir") -> epath.Path:
+    """`path` as an `epath.Path`: an object-store URI as it is, a local path made absolute. An
+    empty one (an unset shell variable, say) is refused rather than read as "."."""
+    if not os.fspath(path).strip():
+        raise ValueError(f"{setting} is empty: name the run's directory")
     path = epath.Path(path)
     return path if is_remote(path) else path.resolve()
+
+
+def read_config(workdir) -> dict:
+    """The run config in `workdir/config.json`; a file cut short is refused naming it."""
+    config_file = epath.Path(workdir) / "config.json"
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_file}: not valid JSON ({error}); the run's config is damaged") from None
 
 
 def is_remote(path) -> bool:
@@ -66,14 +78,21 @@ def prepare(cfg: ml_collections.ConfigDict, workdir) -> epath.Path:
     """Create the workdir, lock it, check a resumed run's config and (on process 0) write the
     run's config. Returns the workdir, absolute if local."""
     workdir = resolve(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file where the directory should be
+        raise ValueError(f"--workdir={workdir}: {error.strerror or error}") from None
     if jax.process_index() != 0:
         return workdir
     _lock(workdir)
     new = json.loads(cfg.to_json())
     config_file = workdir / "config.json"
     if config_file.exists():
-        changes = differences(json.loads(config_file.read_text()), new)
+        try:
+            changes = differences(read_config(workdir), new)
+        except ValueError:
+            release(workdir)
+            raise
         # Fewer steps would end the run before the checkpoint it resumes from.
         refused = [
             c for c in changes
@@ -90,7 +109,9 @@ def prepare(cfg: ml_collections.ConfigDict, workdir) -> epath.Path:
         for key, old, value in changes:
             note = " (the learning-rate schedule now spans the new length)" if key == "train.steps" else ""
             log.warning("resuming with %s changed: %r -> %r%s", key, old, value, note)
-    config_file.write_text(json.dumps(new, indent=2))
+    partial = workdir / "config.json.partial"  # written whole: a kill leaves the old file or the new
+    partial.write_text(json.dumps(new, indent=2))
+    partial.replace(config_file)
     return workdir
 
 

@@ -44,6 +44,16 @@ def test_nonfinite_stop_ends_with_its_message_and_leaves_no_partial_checkpoint(t
     assert not (tmp_path / "run" / "run.lock").exists()
 
 
+def test_sample_refuses_sampling_settings_with_beam_search(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-m", "model.sample", f"--workdir={tmp_path}", "--prompt=x", "--beams=2", "--temperature=0.5"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["error: --beams=2 searches; it takes none of ['--temperature']"]
+
+
 @pytest.mark.parametrize(
     "arguments, expected",
     [

@@ -220,7 +220,10 @@ def test_evaluate_scores_any_files_with_the_runs_checkpoint_and_tokenizer(uninte
     (tmp_path / "held_out").mkdir()
     for i, text in enumerate(texts):
         (tmp_path / "held_out" / f"{i}.py").write_text(text)
+    (tmp_path / "held_out" / "empty.py").write_text("")  # no bytes to score: left out
     result = evaluate.evaluate(workdir, evaluate.read_texts([str(tmp_path / "held_out")]), batch_size=8)
+    with pytest.raises(ValueError, match=r"no documents with text"):
+        evaluate.read_texts([str(tmp_path / "held_out" / "empty.py")])
 
     # Independently: each document alone through the model, float64 log-softmax.
     start = source.from_workdir(workdir)

@@ -41,6 +41,19 @@ def test_more_steps_and_other_intervals_are_allowed_and_logged(tmp_path, caplog)
     assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 300
 
 
+def test_an_empty_workdir_a_file_in_its_place_and_a_damaged_config_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"^--workdir is empty"):  # an unset $RUN, say: not "."
+        workdir.prepare(_config(), "")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match=r"--workdir=.*a_file: File exists"):
+        workdir.prepare(_config(), tmp_path / "a_file")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text('{"train": {"st')
+    with pytest.raises(ValueError, match=r"config.json: not valid JSON"):
+        workdir.prepare(_config(), tmp_path / "run")
+    assert not (tmp_path / "run" / workdir.LOCK_FILE).exists()
+
+
 @pytest.mark.parametrize("content", ["", '{"host": "h'])
 def test_a_lock_cut_short_is_refused_in_one_line(tmp_path, content):
     (tmp_path / workdir.LOCK_FILE).write_text(content)
