@@ -18,8 +18,10 @@ import numpy as np
 
 from data import words
 
+# ASCII word boundaries, as for the addresses below: an address touching CJK text (no space
+# between, as is usual there) is still found.
 EMAIL = re.compile(
-    r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"
+    r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b", re.ASCII
 )
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\.?\w)", re.ASCII)
@@ -180,7 +182,9 @@ def top_ngram_fraction(hashes: np.ndarray, lengths: np.ndarray, n: int) -> float
 
 
 def duplicate_ngram_fraction(hashes: np.ndarray, lengths: np.ndarray, n: int) -> float:
-    """Share of word bytes inside some n-gram that occurs more than once."""
+    """Share of word bytes inside some n-gram that occurs more than once, its first occurrence
+    included: stricter than Gopher's rule as datatrove implements it, which counts only the
+    repeats after the first (a passage said twice scores about twice as high here)."""
     ngrams = words.hash_ngrams(hashes, n)
     if ngrams.size == 0:
         return 0.0

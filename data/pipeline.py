@@ -30,7 +30,7 @@ __all__ = ["Corpus", "default_config", "eval_batches", "open_corpus", "train_ite
 
 # Part of the cache key: raised whenever the same settings would prepare different tokens, so
 # that no cache written before is taken for the new output.
-_CACHE_FORMAT = 3
+_CACHE_FORMAT = 4
 MANIFEST = "manifest.json"
 EXECUTORS = ("local", "ray", "slurm")
 # Settings that change how the work is done, not what it produces.
@@ -60,7 +60,8 @@ def default_config() -> ml_collections.ConfigDict:
             max_symbol_word_ratio=0.25,  # Gopher: 0.1
             max_duplicate_line_fraction=0.5,  # Gopher: 0.3
             max_top_ngram_fraction=((2, 0.20), (3, 0.18), (4, 0.16)),  # Gopher's values
-            # Gopher: 0.15, 0.14, 0.13, 0.12, 0.11, 0.10 for n = 5..10.
+            # Gopher: 0.15, 0.14, 0.13, 0.12, 0.11, 0.10 for n = 5..10, counting only repeats after
+            # the first occurrence (`cleaning.duplicate_ngram_fraction` counts it too).
             max_duplicate_ngram_fraction=(
                 (5, 0.60), (6, 0.58), (7, 0.56), (8, 0.54), (9, 0.52), (10, 0.50)
             ),
@@ -118,6 +119,8 @@ def validate(cfg) -> None:
         raise ValueError(f"data.tasks={cfg.tasks} must be at least 1")
     if cfg.max_bytes < 0:
         raise ValueError(f"data.max_bytes={cfg.max_bytes} must be >= 0 (0: no limit)")
+    if cfg.tokenizer.sample_bytes <= 0:
+        raise ValueError(f"data.tokenizer.sample_bytes={cfg.tokenizer.sample_bytes} must be positive")
     if cfg.tokenizer.model_type not in ("bpe", "unigram"):
         model_type = cfg.tokenizer.model_type
         raise ValueError(f"data.tokenizer.model_type={model_type!r}: use 'bpe' or 'unigram'")

@@ -10,7 +10,8 @@ command after a crash or a kill runs only the tasks that have none:
 
   clean      read the files dealt to the task (file i to task i % tasks), clean them
              (`cleaning.clean`), keep the text; datatrove's exact-dedup signatures
-  exact      datatrove's exact-dedup stage 2 (one task): every copy of a text after its first
+  exact      datatrove's exact-dedup stage 2 (one task): one copy of each text is kept (the
+             one with the lowest index within its task; for a given data.tasks, always the same)
   minhash    the MinHash signatures of what exact dedup keeps (`steps.MinhashSignatures`)
   buckets    datatrove's MinHash stage 2, one task per LSH band: the candidate pairs
   clusters   the candidates checked against the Jaccard threshold and joined (one task)

@@ -198,7 +198,7 @@ def _text_documents(f: SourceFile, text: str, unit: str) -> Iterator[Document]:
         return
     for number, block in enumerate(_PARAGRAPH_BREAK.split(text)):
         if block.strip():
-            yield Document(f"{f.key}#{number}", block.strip("\n"))
+            yield Document(f"{f.key}#{number}", block.strip("\r\n"))  # CRLF files leave "\r" at a break
 
 
 def jsonl_records(path: pathlib.Path, text: str) -> Iterator[tuple[int, object]]:

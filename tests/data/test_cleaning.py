@@ -105,6 +105,8 @@ def test_pii_is_replaced_by_placeholders():
         "Call <PHONE_NUMBER>, <PHONE_NUMBER> or <PHONE_NUMBER> today."
     )
     assert counts == {"email": 2, "ip_address": 3, "phone_number": 3}
+    # CJK text touches an address with no space between; ASCII boundaries still find it.
+    assert cleaning.scrub_pii("请发邮件至admin@example.com获取帮助")[0] == "请发邮件至<EMAIL>获取帮助"
 
 
 @pytest.mark.parametrize("address", [

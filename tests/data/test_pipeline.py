@@ -181,6 +181,10 @@ def test_invalid_settings_are_named(tmp_path):
     cfg.tokenizer.model_type = "wordpiece"
     with pytest.raises(ValueError, match=r"tokenizer.model_type='wordpiece'"):
         prepare.run(cfg)
+    cfg = pipeline.default_config()
+    cfg.tokenizer.sample_bytes = 0
+    with pytest.raises(ValueError, match=r"data.tokenizer.sample_bytes=0 must be positive"):
+        prepare.run(cfg)
     with pytest.raises(ValueError, match=r"--host_index=2 is not in \[0, --host_count=2\)"):
         prepare.run(pipeline.default_config(), host_index=2, host_count=2)
 

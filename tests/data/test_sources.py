@@ -1,6 +1,6 @@
 import pytest
 
-from data import pipeline, sources
+from data import cleaning, pipeline, sources
 
 STDLIB_JSON_FRACTION = 0.7113556837456754
 
@@ -27,6 +27,9 @@ def test_text_files_one_document_per_file_or_per_paragraph(tmp_path):
     documents, _ = sources.read_documents(_files_config(tmp_path / "a.txt", text_unit="paragraph"))
     assert [d.text for d in documents] == ["first paragraph\nstill first", "second", "third"]
     assert [d.key for d in documents] == ["a.txt#0", "a.txt#1", "a.txt#2"]
+    (tmp_path / "crlf.txt").write_bytes(b"first\r\nline two\r\n\r\nsecond\r\n")  # no "\r" left at a break
+    documents, _ = sources.read_documents(_files_config(tmp_path / "crlf.txt", text_unit="paragraph"))
+    assert [cleaning.normalize(d.text, "") for d in documents] == ["first\nline two", "second"]
 
 
 def test_jsonl_reads_the_configured_field(tmp_path):
