@@ -1,5 +1,6 @@
-"""IsoFLOP sweep for one GPU (or a pod slice): 4 budgets from 1e17 to 3e18 FLOPs, 7 sizes
-each from 20M to 1.2B parameters, context 1024, bfloat16. Point the data at a real corpus:
+"""IsoFLOP sweep for one GPU (or a pod slice): 4 budgets from 1e17 to 3e18 FLOPs, sizes from
+20M to 1.2B parameters, context 1024, bfloat16: 24 runs (4, 6, 7 and 7 per budget; the runs
+below `min_steps` are left out). Point the data at a real corpus:
 --config.train.data.source=files --config.train.data.paths=/data/corpus/*.parquet
 
   python -m experiments.scaling.sweep --config=experiments/scaling/isoflop_gpu.py --workdir=runs/isoflop_gpu

@@ -92,12 +92,17 @@ def plan_grid(
     tokens_per_step: int,
     accounting: str = "model",
 ) -> list[PlannedRun]:
-    """An N x D grid: every size trained on every token count (rounded to whole steps)."""
-    runs = []
+    """An N x D grid: every size trained on every token count (rounded to whole steps). A
+    (shape, steps) pair already planned, from another target rounding to the same shape or
+    token count, is planned once."""
+    runs, seen = [], set()
     for target in target_sizes:
         shape = Shape(*shape_of(target))
         for token_count in token_counts:
             steps = max(1, round(token_count / tokens_per_step))
+            if (shape.n_params, steps) in seen:
+                continue
+            seen.add((shape.n_params, steps))
             name = f"grid-N{_short(shape.n_params)}-D{_short(steps * tokens_per_step)}"
             runs.append(_run(name, target, shape, steps, tokens_per_step, accounting, None))
     return runs

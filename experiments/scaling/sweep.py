@@ -5,11 +5,12 @@
 
 Each run trains in `<workdir>/<run name>` with its learning-rate schedule matched to its
 own token budget (as Chinchilla did) and appends one row to `<workdir>/runs.csv`: name,
-n_params, n_params_nonembed, tokens, flops (the planning accounting), flops_model,
+n_params, n_params_nonembed, tokens (steps x batch x seq_len: positions, the padding of packed
+rows included, under 2% on the built-in corpus), flops (the planning accounting), flops_model,
 flops_6n, flops_6n_nonembed, budget, final_loss (validation loss over the whole
 validation split at the end), smoothed_loss (mean training loss over the last 5% of
 steps, at least 3 logged steps), workdir. The sweep is resumable: runs already in the
-table are skipped, a killed run resumes from its checkpoint, and runs finished elsewhere
+table are skipped (a relaunch whose plan gives one of them another config stops), a killed run resumes from its checkpoint, and runs finished elsewhere
 (from the printed commands) are collected without training. A plan with no runs is an
 error.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import logging
 import pathlib
 import shlex
@@ -32,6 +34,7 @@ import model
 from experiments.scaling import plan
 from train import config as config_lib
 from train import pretrain
+from train import workdir as workdir_lib
 from train.cli import run_program
 from train.metrics import read_metrics
 
@@ -108,6 +111,23 @@ def result_row(run: plan.PlannedRun, workdir: pathlib.Path) -> dict | None:
     }
 
 
+def _check_trained_as_planned(sweep, run: plan.PlannedRun, workdir: pathlib.Path) -> None:
+    """A run already in the table was trained with the config the plan now gives it (its name
+    holds only the budget and size), or the sweep stops naming what differs."""
+    if not (workdir / "config.json").exists():
+        return
+    planned = json.loads(run_config(sweep, run).to_json())
+    changed = [
+        key for key, _, _ in workdir_lib.differences(workdir_lib.read_config(workdir), planned)
+        if not key.startswith(workdir_lib.RESUMABLE)
+    ]
+    if changed:
+        raise ValueError(
+            f"{workdir}: in runs.csv, but trained with another config than the plan now gives it "
+            f"({', '.join(changed)}); sweep the changed plan into another --workdir"
+        )
+
+
 def run_sweep(sweep: ml_collections.ConfigDict, root: pathlib.Path, print_commands: bool = False) -> list[str]:
     """Trains every planned run not yet in `<root>/runs.csv` and appends its row. With
     `print_commands` nothing trains: each unfinished run's resolved config is written to
@@ -132,6 +152,7 @@ def run_sweep(sweep: ml_collections.ConfigDict, root: pathlib.Path, print_comman
     commands = []
     for run in runs:
         if run.name in done:
+            _check_trained_as_planned(sweep, run, root / run.name)
             continue
         workdir = root / run.name
         row = result_row(run, workdir)

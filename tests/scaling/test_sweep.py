@@ -92,7 +92,7 @@ def test_rerun_skips_finished_runs_and_collects_runs_finished_elsewhere(finished
 def test_launch_commands_reproduce_each_run_config_with_the_sweeps_overrides(finished):
     _, root, sweep_file, corpus, cache = finished
     config = _write_sweep(sweep_file, corpus, cache, [1e9, 2e9])
-    config.train.optimizer.lr = 1e-3  # as an override on the sweep's command line would
+    config.train.eval.batch_size = 16  # as an override on the sweep's command line would
     commands = sweep.run_sweep(config, root, print_commands=True)
     new_runs = [run for run in sweep.planned_runs(config) if run.budget == 2e9]
     assert len(commands) == len(new_runs) == 2
@@ -101,9 +101,17 @@ def test_launch_commands_reproduce_each_run_config_with_the_sweeps_overrides(fin
         assert f"--config=experiments/scaling/sweep_run.py:{planned} --workdir={root / run.name}" in command
         rebuilt = sweep_run.get_config(str(planned))
         assert json.loads(rebuilt.to_json()) == json.loads(sweep.run_config(config, run).to_json())
-        assert rebuilt.optimizer.lr == 1e-3 and rebuilt.train.steps == run.steps
+        assert rebuilt.eval.batch_size == 16 and rebuilt.train.steps == run.steps
     with pytest.raises(FileNotFoundError, match="no planned config"):
         sweep_run.get_config(str(root / "nope.json"))
+
+
+def test_a_relaunch_with_a_changed_plan_stops_rather_than_keep_the_old_rows(finished):
+    config, root, _, _, _ = finished
+    changed = config.copy_and_resolve_references()
+    changed.train.optimizer.lr = 1e-3
+    with pytest.raises(ValueError, match=r"in runs.csv, but trained with another config .*\(optimizer.lr\)"):
+        sweep.run_sweep(changed, root)
 
 
 @pytest.mark.parametrize(
