@@ -120,7 +120,7 @@ def _hf_generate(hf_model, prompts):
         inputs = torch.tensor(prompts, device=hf_model.device)
         return hf_model.generate(
             inputs, attention_mask=torch.ones_like(inputs), do_sample=False, use_cache=True,
-            max_new_tokens=_NEW.value, min_new_tokens=_NEW.value, pad_token_id=0,
+            max_new_tokens=_NEW.value, eos_token_id=None, pad_token_id=0,
         )[:, _PROMPT.value:].tolist()
 
 

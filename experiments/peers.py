@@ -11,7 +11,8 @@ core; torch takes CUDA when it has it, with its fused AdamW), two warm-up steps,
 timed ones; the medians are printed. Steps are dispatched back to back as a training loop runs
 them (`train.benchmark.pipelined_intervals`: each step is queued before the one ahead of it is
 waited for), except eager torch on the CPU, which runs each step to its end as it is called:
-those calls are timed one by one. Weights and optimizer state are float32; `--dtype=bfloat16`
+those calls are timed one by one. Weights and optimizer state are float32 (on a GPU both sides
+run float32 matmuls as TF32, as nanoGPT's train.py sets torch to); `--dtype=bfloat16`
 computes in bfloat16 (nanoGPT under `torch.autocast`, as its train.py does). nanoGPT runs eager
 and, with `--torch_compile`, under `torch.compile`. Needs the `test` extra (torch). On a GPU JAX
 must leave torch room: XLA_PYTHON_CLIENT_MEM_FRACTION=0.5.
@@ -92,6 +93,8 @@ def nanogpt(directory: str, batch_size: int, seq_len: int, steps: int, compiled:
         n_head=_HEADS.value, n_embd=_WIDTH.value, dropout=0.0,
     ))
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # As nanoGPT's train.py: float32 matmuls as TF32 on the GPU, which XLA's default does too.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     gpt.to(device)
     optimizer = gpt.configure_optimizers(0.1, 3e-4, (0.9, 0.95), device)  # fused AdamW on CUDA
     step_model = torch.compile(gpt) if compiled else gpt

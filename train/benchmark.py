@@ -67,11 +67,12 @@ def refuse_flags(*names: str) -> None:
 
 
 def device_memory_bytes() -> int | None:
-    """Memory of one device: the accelerator's, or the host's RAM for the CPU backend."""
+    """Memory of one device: the accelerator's, or for the CPU backend the host's RAM shared
+    by this host's devices (several when XLA is told to make them)."""
     device = jax.devices()[0]
     limit = (device.memory_stats() or {}).get("bytes_limit")
     if limit is None and device.platform == "cpu":
-        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // len(jax.local_devices())
     return limit
 
 

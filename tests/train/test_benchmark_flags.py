@@ -61,6 +61,21 @@ def test_scripts_refuse_the_shared_flags_they_do_not_use(module, arguments, expe
     assert result.stderr.strip().splitlines() == [f"error: {expected}"], result.stderr
 
 
+def test_cpu_devices_of_one_host_share_its_memory():
+    """With 8 CPU devices made by XLA, each holds an eighth of the host's RAM: a step that
+    needs more than that per device does not fit, though less than the whole RAM."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    script = (
+        "import os, jax\n"
+        "from train import benchmark\n"
+        "ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')\n"
+        "print(len(jax.local_devices()), benchmark.device_memory_bytes() == ram // 8)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["8", "True"], result.stderr
+
+
 def test_timed_steps_are_each_queued_before_the_one_ahead_is_waited_for():
     """`pipelined_intervals` keeps one step in flight, as training does: the order of
     dispatches and waits, and one interval per timed step. (A subprocess: train.benchmark's
