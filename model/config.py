@@ -164,6 +164,9 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> dict[str, float]:
     }
 
 
+SHAPE_TOLERANCE = 0.15  # how far a shape's parameter count may miss its target
+
+
 def shape_for_params(
     n_params: float,
     *,
@@ -199,4 +202,10 @@ def shape_for_params(
             key = (round(error, 2), abs(math.log(ratio / aspect_ratio)))
             if best_key is None or key < best_key:
                 best, best_key = candidate, key
+    found = param_counts(best)[count] if best else 0
+    if not found or abs(math.log(found / n_params)) > math.log(1 + SHAPE_TOLERANCE):
+        raise ValueError(
+            f"n_params={n_params:,.0f}: no shape with these settings comes within {SHAPE_TOLERANCE:.0%} "
+            f"(the nearest has {found:,} {count} parameters); change the target, head_dim or aspect_ratio"
+        )
     return best

@@ -217,6 +217,13 @@ def test_shape_for_params_hits_the_target(target):
     assert config.n_heads % config.n_kv_heads == 0
 
 
+@pytest.mark.parametrize("target, vocab_size", [(1e4, 32768), (1e12, 32768)])
+def test_shape_for_params_refuses_a_target_no_shape_comes_near(target, vocab_size):
+    # 1e4: the embedding alone holds more; 1e12: beyond 96 layers of 128 heads.
+    with pytest.raises(ValueError, match=r"no shape with these settings comes within 15%"):
+        model.shape_for_params(target, vocab_size=vocab_size)
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="model.norm"):
         LLAMA.replace(norm="batchnorm")
