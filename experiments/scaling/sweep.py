@@ -185,7 +185,7 @@ def launch_command(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> str
 
 def main(argv):
     del argv
-    commands = run_sweep(flags.FLAGS.config, pathlib.Path(flags.FLAGS.workdir), flags.FLAGS.print_commands)
+    commands = run_sweep(flags.FLAGS.config, pathlib.Path(workdir_lib.resolve(flags.FLAGS.workdir)), flags.FLAGS.print_commands)
     for command in commands:
         print(command)
 
