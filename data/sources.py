@@ -262,7 +262,10 @@ def load_hf_dataset(location: str, split: str, split_key: str = "hf_split"):
             "(pip install datasets)"
         ) from None
     if os.path.isdir(location):
-        dataset = datasets.load_from_disk(location)
+        try:
+            dataset = datasets.load_from_disk(location)
+        except FileNotFoundError as error:  # a directory, but no saved dataset
+            raise ValueError(f"{location}: {error}") from None
     else:
         dataset = datasets.load_dataset(location, split=split)
     if isinstance(dataset, datasets.DatasetDict):

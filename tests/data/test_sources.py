@@ -135,3 +135,8 @@ def test_stable_fraction_is_a_fixed_function_of_the_key():
     assert sources.stable_fraction("stdlib/json/__init__.py") == pytest.approx(STDLIB_JSON_FRACTION)
     assert 0 <= sources.stable_fraction("") < 1
     assert sources.stable_fraction("a", purpose="order") != sources.stable_fraction("a")
+
+
+def test_a_directory_that_holds_no_saved_dataset_is_named(tmp_path):
+    with pytest.raises(ValueError, match=rf"^{tmp_path}: .*neither a `Dataset` directory"):
+        sources.load_hf_dataset(str(tmp_path), "train")
