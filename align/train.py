@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from align import config as align_config
@@ -81,8 +82,7 @@ def _cached_reference(cfg, workdir, model_config, mesh, shardings, start_trees, 
     checkpoint reads them back: one killed before its first checkpoint may have left values of
     another starting model (`init.from_workdir` since holding a newer checkpoint, say)."""
     path = workdir / REFERENCE_CACHE.format(split=split)
-    checkpoints = workdir / "checkpoints"
-    resuming = checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir())
+    resuming = bool(ocp.utils.checkpoint_steps(workdir / "checkpoints"))
     if resuming and path.exists():
         with path.open("rb") as f:
             values = np.load(f)
@@ -141,7 +141,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.Res
     updates_per_step = cfg.rl.epochs * cfg.rl.minibatches if online_rl else 1
     optimizer_cfg = cfg.optimizer.copy_and_resolve_references()
     optimizer_cfg.warmup_steps *= updates_per_step
-    optimizer = make_optimizer(optimizer_cfg, cfg.train.steps * updates_per_step)
+    total_updates = cfg.train.steps * updates_per_step
+    optimizer = make_optimizer(optimizer_cfg, total_updates)
     params_boxed, frozen_boxed = trees.boxed_trees(cfg, model_config)
     shardings = state_shardings(optimizer, mesh, params_boxed, frozen_boxed)
     reward_model = _reward_model(cfg, model_config, tokenizer, mesh) if online_rl and cfg.rl.reward_model else None
@@ -239,7 +240,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.Res
         new_state=new_state,
         abstract_state=abstract_state(optimizer, mesh, params_boxed, frozen_boxed),
         tokens_per_step=tokens_per_step,
-        learning_rate=learning_rate_schedule(optimizer_cfg, cfg.train.steps * updates_per_step),
+        learning_rate=learning_rate_schedule(optimizer_cfg, total_updates),
         updates_per_step=updates_per_step,
         flops_per_step=flops_per_step,
         evaluate=evaluate,

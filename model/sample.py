@@ -16,7 +16,7 @@ from absl import flags
 from align import source
 from model import sharding
 from model.generate import Sampling, beam_search, generate
-from train.cli import run_program
+from train.cli import given_flags, run_program
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir: its newest checkpoint samples.", required=True)
 _PROMPTS = flags.DEFINE_multi_string("prompt", None, "A prompt (repeat the flag for several).", required=True)
@@ -35,8 +35,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Random seed of the sampler.")
 
 def main(argv):
     del argv
-    sampling_flags = ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty", "seed")
-    ignored = [f"--{name}" for name in sampling_flags if flags.FLAGS[name].present]
+    ignored = given_flags("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty", "seed")
     if _BEAMS.value and (ignored or _SAMPLES.value > 1):
         raise ValueError(f"--beams={_BEAMS.value} searches; it takes none of {ignored or ['--num_samples']}")
     start = source.from_workdir(_WORKDIR.value, setting="--workdir")

@@ -20,7 +20,7 @@ from absl import flags
 
 import model
 from model import sharding
-from train.cli import run_program
+from train.cli import given_flags, run_program
 from train.metrics import peak_flops_per_device
 from train.optimizer import make_optimizer
 from train.state import abstract_state, create_state
@@ -61,7 +61,7 @@ flags.register_multi_flags_validator(
 def refuse_flags(*names: str) -> None:
     """Stop, naming them, when flags of this module that a program built on it does not use
     were given."""
-    given = [f"--{name}" for name in names if flags.FLAGS[name].present]
+    given = given_flags(*names)
     if given:
         raise ValueError(f"{', '.join(given)}: not used by this program")
 

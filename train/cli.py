@@ -81,6 +81,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"error: {_config_error(error, argv)}")
 
 
+def given_flags(*names: str) -> list[str]:
+    """Those of the flags `names` given on the command line, as `--name`."""
+    return [f"--{name}" for name in names if flags.FLAGS[name].present]
+
+
 def configure_logging() -> None:
     """This project's INFO lines with their time; libraries' only from WARNING up (set
     `logging.getLogger(name).setLevel(logging.INFO)` in a driver to see theirs)."""

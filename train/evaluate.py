@@ -26,10 +26,10 @@ import model
 from align import source
 from data import pipeline, sources, token_cache
 from model import sharding
+from train import workdir as workdir_lib
 from train.cli import run_program
 from train.loop import global_batch
 from train.state import tree_shardings
-from train import workdir as workdir_lib
 from train.step import compile_eval_step, language_model_loss
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir: its newest checkpoint is scored.", required=True)

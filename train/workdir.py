@@ -93,11 +93,7 @@ def prepare(cfg: ml_collections.ConfigDict, workdir) -> epath.Path:
         except ValueError:
             release(workdir)
             raise
-        # Fewer steps would end the run before the checkpoint it resumes from.
-        refused = [
-            c for c in changes
-            if not c[0].startswith(RESUMABLE) or (c[0] == "train.steps" and c[2] < c[1])
-        ]
+        refused = refused_changes(changes)
         if refused:
             release(workdir)
             listed = "\n".join(f"  {key}: {old!r} -> {value!r}" for key, old, value in refused)
@@ -113,6 +109,12 @@ def prepare(cfg: ml_collections.ConfigDict, workdir) -> epath.Path:
     partial.write_text(json.dumps(new, indent=2))
     partial.replace(config_file)
     return workdir
+
+
+def refused_changes(changes: list[tuple[str, object, object]]) -> list[tuple[str, object, object]]:
+    """The `differences` a resumed run cannot take: keys outside `RESUMABLE`, and fewer steps
+    (the run would end before the checkpoint it resumes from)."""
+    return [c for c in changes if not c[0].startswith(RESUMABLE) or (c[0] == "train.steps" and c[2] < c[1])]
 
 
 def differences(old: dict, new: dict) -> list[tuple[str, object, object]]:

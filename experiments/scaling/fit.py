@@ -13,10 +13,11 @@ loss per budget).
 Column defaults are the sweep's table (`runs.DEFAULT_COLUMNS`); see `runs.py` for how D
 and C are derived when one is missing; a sweep's `budget` column groups its IsoFLOP runs.
 Every cell used must be a positive number (an error names the line and column). Approaches
-3 and kaplan refuse a table with no more runs than they have parameters; budgets Approach 2 cannot use (fewer than 3
-sizes, no interior minimum) are listed under `dropped_budgets` and on stderr. Figures are
-written only with --plots-dir, as `<approach>_<figure>.png` and `.pdf`; a file there that an earlier
-fit did not write (`.written_by_fit` lists those) is never overwritten.
+3 and kaplan refuse a table with no more runs than they have parameters; budgets Approach 2
+cannot use (fewer than 3 sizes, no interior minimum) are listed under `dropped_budgets` and on
+stderr. Figures are written only with --plots-dir, as `<approach>_<figure>.png` and `.pdf`; a
+file there that an earlier fit did not write (`.written_by_fit` lists those) is never
+overwritten.
 """
 
 from __future__ import annotations

@@ -117,10 +117,8 @@ def _check_trained_as_planned(sweep, run: plan.PlannedRun, workdir: pathlib.Path
     if not (workdir / "config.json").exists():
         return
     planned = json.loads(run_config(sweep, run).to_json())
-    changed = [
-        key for key, _, _ in workdir_lib.differences(workdir_lib.read_config(workdir), planned)
-        if not key.startswith(workdir_lib.RESUMABLE)
-    ]
+    changes = workdir_lib.differences(workdir_lib.read_config(workdir), planned)
+    changed = [key for key, _, _ in workdir_lib.refused_changes(changes)]
     if changed:
         raise ValueError(
             f"{workdir}: in runs.csv, but trained with another config than the plan now gives it "
