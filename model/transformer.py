@@ -19,6 +19,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental.layout import Layout, with_layout_constraint
 from model.attention import attend, run_starts
 from model.config import ModelConfig
 from model.sharding import constrain, param_shardings
@@ -71,16 +72,63 @@ class Norm(nn.Module):
         return y.astype(c.compute_dtype)
 
 
-def project(x_BTI, w_IO):
-    """Every token's [*I] vector times `w` [*I, *O]: [B, T, *I] -> [B, T, *O], as one 2-D
-    matmul over the B*T tokens. The same product as an einsum, but XLA:CPU computes the 2-D
-    form's weight gradient 3x faster: 11 against 34 ms (jitted `jax.vjp`, float32, 16 x 128
-    tokens, a 384 x 1,536 weight), where the einsum's gradient first transposes the output
-    gradient."""
+def project(x_BTI, w_IO, bias_O=None):
+    """Every token's [*I] vector times `w` [*I, *O], plus `bias` [*O] if given: [B, T, *I] ->
+    [B, T, *O], as one 2-D matmul over the B*T tokens. The same product as an einsum, but
+    XLA:CPU computes the 2-D form's weight gradient 3x faster: 11 against 34 ms (jitted
+    `jax.vjp`, float32, 16 x 128 tokens, a 384 x 1,536 weight), where the einsum's gradient
+    first transposes the output gradient."""
     B, T, *I = x_BTI.shape
     O = w_IO.shape[len(I) :]
-    y = jnp.dot(x_BTI.reshape(B * T, math.prod(I)), w_IO.reshape(math.prod(I), math.prod(O)))
-    return y.reshape(B, T, *O)
+    x_MI, w_IO = x_BTI.reshape(B * T, math.prod(I)), w_IO.reshape(math.prod(I), math.prod(O))
+    bias_O = None if bias_O is None else bias_O.reshape(-1)
+    y_MO = (_narrow_matmul if _narrow_on_cpu(x_MI.dtype) else _matmul)(x_MI, w_IO, bias_O)
+    return y_MO.reshape(B, T, *O)
+
+
+def _matmul(x_MI, w_IO, bias_O):
+    y_MO = jnp.dot(x_MI, w_IO)
+    return y_MO if bias_O is None else y_MO + bias_O
+
+
+@jax.custom_vjp
+def _narrow_matmul(x_MI, w_IO, bias_O):
+    """`_matmul` of 16-bit operands on the CPU, where XLA runs a 16-bit matmul as one in
+    float32 (both operands converted) unless it accumulates into float32 and reads both
+    operands row-major: then it is YNNPACK's 16-bit kernel (bfloat16, 2,048 x 384 x 1,536 on
+    the AMX machine of the README: 1.4 against 7.9 ms). So every product here, forward and
+    backward, is of row-major operands into float32, the transposed ones copied first."""
+    y_MO = jnp.dot(x_MI, w_IO, preferred_element_type=jnp.float32)
+    if bias_O is not None:
+        y_MO += bias_O.astype(jnp.float32)
+    return y_MO.astype(x_MI.dtype)
+
+
+def _narrow_matmul_fwd(x_MI, w_IO, bias_O):
+    return _narrow_matmul(x_MI, w_IO, bias_O), (x_MI, w_IO, bias_O)
+
+
+def _narrow_matmul_bwd(residuals, g_MO):
+    x_MI, w_IO, bias_O = residuals
+    g_MO = g_MO.astype(x_MI.dtype)
+    dx_MI = jnp.dot(g_MO, _row_major_transpose(w_IO), preferred_element_type=jnp.float32)
+    dw_IO = jnp.dot(_row_major_transpose(x_MI), g_MO, preferred_element_type=jnp.float32)
+    dbias_O = None if bias_O is None else jnp.sum(g_MO.astype(jnp.float32), axis=0).astype(bias_O.dtype)
+    return dx_MI.astype(x_MI.dtype), dw_IO.astype(w_IO.dtype), dbias_O
+
+
+_narrow_matmul.defvjp(_narrow_matmul_fwd, _narrow_matmul_bwd)
+
+
+def _narrow_on_cpu(dtype) -> bool:
+    """Whether matmuls of `dtype` operands run on the CPU, where XLA's fast kernel for them
+    takes row-major operands only (`_narrow_matmul`)."""
+    return jnp.dtype(dtype) != jnp.float32 and jax.default_backend() == "cpu"
+
+
+def _row_major_transpose(a):
+    """a.T stored transposed: left alone, XLA makes a transpose a change of layout."""
+    return with_layout_constraint(a.T, Layout(major_to_minor=(0, 1)))
 
 
 def apply_rope(x_BTNH, positions_BT, theta: float):
@@ -108,14 +156,12 @@ class Attention(nn.Module):
         w_k = _param(self, "k", (D, K, H), ("embed", "kv_heads", "head_dim"), init)
         w_v = _param(self, "v", (D, K, H), ("embed", "kv_heads", "head_dim"), init)
         w_o = _param(self, "o", (N, H, D), ("heads", "head_dim", "embed"), _dense_init(c, True))
-        q_BTNH = project(x_BTD, w_q.astype(dt))
-        k_BTKH = project(x_BTD, w_k.astype(dt))
-        v_BTKH = project(x_BTD, w_v.astype(dt))
-        if c.use_bias:
-            zeros = nn.initializers.zeros
-            q_BTNH += _param(self, "q_bias", (N, H), ("heads", "head_dim"), zeros).astype(dt)
-            k_BTKH += _param(self, "k_bias", (K, H), ("kv_heads", "head_dim"), zeros).astype(dt)
-            v_BTKH += _param(self, "v_bias", (K, H), ("kv_heads", "head_dim"), zeros).astype(dt)
+        bias = lambda name, shape, axes: (
+            _param(self, name, shape, axes, nn.initializers.zeros).astype(dt) if c.use_bias else None
+        )
+        q_BTNH = project(x_BTD, w_q.astype(dt), bias("q_bias", (N, H), ("heads", "head_dim")))
+        k_BTKH = project(x_BTD, w_k.astype(dt), bias("k_bias", (K, H), ("kv_heads", "head_dim")))
+        v_BTKH = project(x_BTD, w_v.astype(dt), bias("v_bias", (K, H), ("kv_heads", "head_dim")))
         if c.positions == "rope":
             q_BTNH = apply_rope(q_BTNH, positions_BT, c.rope_theta)
             k_BTKH = apply_rope(k_BTKH, positions_BT, c.rope_theta)
@@ -128,9 +174,7 @@ class Attention(nn.Module):
         else:  # attention_inputs: the mask [B, T, S] over the cache's slots
             kv_cache, k_BKSH, v_BKSH = _write_cache(kv_cache, layer, cache_index, k_BTKH, v_BTKH)
             out_BTNH = _cached_attention(q_BTNH, k_BKSH.astype(dt), v_BKSH.astype(dt), attention_inputs)
-        out_BTD = project(out_BTNH, w_o.astype(dt))
-        if c.use_bias:
-            out_BTD += _param(self, "o_bias", (D,), ("embed",), nn.initializers.zeros).astype(dt)
+        out_BTD = project(out_BTNH, w_o.astype(dt), bias("o_bias", (D,), ("embed",)))
         return out_BTD, kv_cache
 
 
@@ -144,9 +188,10 @@ class Mlp(nn.Module):
         dt = c.compute_dtype
         w_up = _param(self, "up", (D, F), ("embed", "mlp"), _dense_init(c))
         w_down = _param(self, "down", (F, D), ("mlp", "embed"), _dense_init(c, True))
-        h_BTF = project(x_BTD, w_up.astype(dt))
-        if c.use_bias:
-            h_BTF += _param(self, "up_bias", (F,), ("mlp",), nn.initializers.zeros).astype(dt)
+        bias = lambda name, shape, axes: (
+            _param(self, name, shape, axes, nn.initializers.zeros).astype(dt) if c.use_bias else None
+        )
+        h_BTF = project(x_BTD, w_up.astype(dt), bias("up_bias", (F,), ("mlp",)))
         if c.mlp == "swiglu":
             w_gate = _param(self, "gate", (D, F), ("embed", "mlp"), _dense_init(c))
             gate_BTF = project(x_BTD, w_gate.astype(dt))
@@ -154,10 +199,7 @@ class Mlp(nn.Module):
         else:
             h_BTF = jax.nn.gelu(h_BTF, approximate=True)
         h_BTF = constrain(h_BTF, ("batch", "length", "mlp"))
-        out_BTD = project(h_BTF, w_down.astype(dt))
-        if c.use_bias:
-            out_BTD += _param(self, "down_bias", (D,), ("embed",), nn.initializers.zeros).astype(dt)
-        return out_BTD
+        return project(h_BTF, w_down.astype(dt), bias("down_bias", (D,), ("embed",)))
 
 
 class Block(nn.Module):
@@ -295,9 +337,10 @@ def _head_matmul_narrow_gradient(x_MD, head_VD):
     gradient times a bfloat16 operand is a float32 matmul: on an H200 the GPT-2 124M step
     (bf16, 32 x 1024), before it had either, spent 15.0 of its 115.7 ms of kernels in these
     two, run as TF32, against 3.5 ms for the forward one in bfloat16 (profile of 3 steps). On
-    the CPU, which has no fast bfloat16 matmul, the GPT-2 head and cross-entropy gradient of 16
-    x 128 tokens in bfloat16 took 5.5 s this way against 4.6 s with autodiff's float32 matmuls
-    (median of 7); float32 compute, the CPU's default, keeps autodiff's."""
+    the CPU the GPT-2 head and cross-entropy gradient of 16 x 128 tokens in bfloat16 takes
+    1.46 s this way against 1.76 s with autodiff's float32 matmuls (median of 7, on the AMX
+    machine of `_narrow_matmul`; on an AMD EPYC without AMX 5.5 against 4.6 s, before the
+    head's gradient was a row-major product); float32 compute keeps autodiff's."""
     return _head_matmul(x_MD, head_VD)
 
 
@@ -314,7 +357,10 @@ def head_matmul_gradients(x_MD, head_VD, g_MV):
     dtype first, so that both matmuls run in it (float32 accumulation)."""
     g_MV = g_MV.astype(x_MD.dtype)
     dx_MD = jnp.dot(g_MV, head_VD, preferred_element_type=jnp.float32)
-    dhead_VD = jax.lax.dot_general(g_MV, x_MD, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    if _narrow_on_cpu(x_MD.dtype):  # GPT-2's head, 2,048 tokens: 269 against 720 ms
+        dhead_VD = jnp.dot(_row_major_transpose(g_MV), x_MD, preferred_element_type=jnp.float32)
+    else:
+        dhead_VD = jax.lax.dot_general(g_MV, x_MD, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     return dx_MD.astype(x_MD.dtype), dhead_VD.astype(head_VD.dtype)
 
 

@@ -1,6 +1,7 @@
 """Forward pass semantics: KV cache, packed sequences, remat, counts and FLOPs."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -266,3 +267,40 @@ def assert_vocabulary_matmuls_take_bfloat16(lowered_text: str, padded_vocab_size
     for line in vocab_dots:
         operands = line.split(" : (")[1].split(") -> ")[0]
         assert operands.count("bf16>") == 2, line
+
+
+def _dots(compiled_text: str):
+    """(operand types, contracting dims) of every dot in XLA's compiled HLO text."""
+    dots = []
+    for block in compiled_text.split("\n\n"):
+        defined = dict(re.findall(r"(%[\w.\-]+) = (\S+) ", block))
+        for lhs, rhs, contracting in re.findall(r" dot\((%[\w.\-]+), (%[\w.\-]+)\), (lhs_contracting_dims=\S+ rhs_contracting_dims=\{\d*\})", block):
+            dots.append((defined[lhs], defined[rhs], contracting))
+    return dots
+
+
+def test_bfloat16_projections_on_the_cpu_are_row_major_bfloat16_matmuls_with_autodiffs_gradients():
+    from model.transformer import project
+
+    rng = np.random.default_rng(0)
+    x, w, bias = (jnp.asarray(rng.normal(size=s), jnp.bfloat16) for s in [(2, 8, 16), (16, 4, 8), (4, 8)])
+    weights = jnp.asarray(rng.normal(size=(2, 8, 4, 8)), jnp.float32)
+    loss = lambda x, w, bias: jnp.sum(project(x, w, bias).astype(jnp.float32) * weights)
+    # The float32 reference: the same bfloat16 values, autodiff's einsum.
+    reference = lambda x, w, bias: jnp.sum((jnp.einsum("bti,ino->btno", x, w) + bias) * weights)
+    want = jax.grad(reference, (0, 1, 2))(*(a.astype(jnp.float32) for a in (x, w, bias)))
+    got = jax.grad(loss, (0, 1, 2))(x, w, bias)
+    for g, r in zip(got, want):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(g, np.float32), r, rtol=2e-2, atol=1e-2 * np.abs(r).max())
+    np.testing.assert_allclose(
+        np.asarray(project(x, w, bias), np.float32), jnp.einsum("bti,ino->btno", x.astype(jnp.float32), w.astype(jnp.float32)) + bias.astype(jnp.float32),
+        rtol=1e-2, atol=1e-2,
+    )
+    # XLA:CPU runs a bfloat16 matmul in its fast kernel only when both operands are bfloat16
+    # and row-major, contracted as [M, K] x [K, N]; otherwise it converts both to float32.
+    dots = _dots(jax.jit(jax.value_and_grad(loss, (0, 1, 2))).lower(x, w, bias).compile().as_text())
+    assert len(dots) == 3, dots
+    for lhs, rhs, contracting in dots:
+        assert lhs.startswith("bf16[") and lhs.endswith("{1,0}") and rhs.startswith("bf16[") and rhs.endswith("{1,0}"), dots
+        assert contracting == "lhs_contracting_dims={1}, rhs_contracting_dims={0}", dots
