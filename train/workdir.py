@@ -17,6 +17,7 @@ is read and written through `etils.epath`.
 from __future__ import annotations
 
 import atexit
+import fcntl
 import json
 import logging
 import os
@@ -150,13 +151,34 @@ def _lock(workdir: epath.Path) -> None:
             return
         if holder.get("host") == me["host"] and not process_running(holder.get("pid", -1)):
             log.warning("taking over the stale lock of process %s (no longer running)", holder.get("pid"))
-            path.unlink(missing_ok=True)
+            _remove_if_unchanged(path, holder)
             continue
         raise RuntimeError(
             f"{workdir} is in use by process {holder.get('pid')} on {holder.get('host')} "
             f"({path}); if no run is active there, delete that file"
         )
     atexit.register(release, workdir)
+
+
+def _remove_if_unchanged(path: epath.Path, holder: dict) -> None:
+    """Delete the lock file if it still names `holder`. Two runs taking over one stale lock
+    would otherwise both start: the second to read it deleting the lock the first had just
+    taken. Locally the read and the delete happen under an exclusive `flock` of the workdir;
+    an object store has no such lock."""
+    if is_remote(path):
+        path.unlink(missing_ok=True)
+        return
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(directory, fcntl.LOCK_EX)
+        try:
+            current = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):  # gone, or being written by a new holder
+            return
+        if current == holder:
+            path.unlink()
+    finally:
+        os.close(directory)  # and with it the flock
 
 
 def _create(path: epath.Path, text: str) -> bool:

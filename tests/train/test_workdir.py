@@ -84,3 +84,21 @@ def test_a_second_run_is_refused_while_the_first_holds_the_lock(tmp_path):
     assert json.loads((tmp_path / workdir.LOCK_FILE).read_text())["pid"] != holder.pid
     workdir.release(tmp_path)
     assert not (tmp_path / workdir.LOCK_FILE).exists()
+
+
+def test_a_stale_lock_taken_over_by_another_run_meanwhile_is_left_to_it(tmp_path):
+    """Two runs that both read the same stale lock: the one that deletes it second finds the
+    first one's new lock there and leaves it."""
+    stale = {"host": socket.gethostname(), "pid": _dead_pid()}
+    (tmp_path / workdir.LOCK_FILE).write_text(json.dumps(stale))
+    workdir.prepare(_config(), tmp_path)  # this process takes the stale lock over
+    mine = (tmp_path / workdir.LOCK_FILE).read_text()
+    workdir._remove_if_unchanged(tmp_path / workdir.LOCK_FILE, stale)  # the later run's step
+    assert (tmp_path / workdir.LOCK_FILE).read_text() == mine
+    workdir._remove_if_unchanged(tmp_path / workdir.LOCK_FILE, json.loads(mine))
+    assert not (tmp_path / workdir.LOCK_FILE).exists()
+
+
+def _dead_pid() -> int:
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(finished.stdout)
