@@ -2,8 +2,9 @@
 
 Each document has a `key` that is the same on every machine: its file's path relative to the
 standard library or site-packages, or relative to the directory a `paths` entry names (the
-directory of a file entry, the part of a glob before its first wildcard), or the dataset name as
-configured; plus a line, block or row number. The train/validation split hashes that key. `max_bytes` caps how much is read, and the
+directory of a file entry, the part of a glob before its first wildcard; of those entries
+that match a file, the one whose directory is highest), or the dataset name as configured; plus
+a line, block or row number. The train/validation split hashes that key. `max_bytes` caps how much is read, and the
 source report always states what was found and what was taken.
 
 The built-in corpus is every `.py` file of the running interpreter's standard library and of its
@@ -126,7 +127,11 @@ def _listed_files(patterns) -> list[SourceFile]:
         for match in map(pathlib.Path, matches):
             found = sorted(p for p in match.rglob("*") if p.is_file()) if match.is_dir() else [match]
             for path in found:
-                files.setdefault(path, SourceFile.at(path.relative_to(root).as_posix(), path))
+                key = path.relative_to(root).as_posix()
+                # A file several entries match is keyed from the highest of their directories,
+                # so that its key, and with it the split, does not depend on their order.
+                if path not in files or (len(key), key) > (len(files[path].key), files[path].key):
+                    files[path] = SourceFile.at(key, path)
     return list(files.values())
 
 

@@ -14,12 +14,14 @@ its operands swapped.
 import dataclasses
 import json
 import os
+import pathlib
 import random
 import re
 
 import numpy as np
 
 from data.sources import stable_fraction
+from data.steps import replace_from_this_process
 
 OPS = ("+", "-")
 SPLITS = ("train", "test")
@@ -232,10 +234,7 @@ def sft_records(problems: list[Problem]) -> list[dict]:
 
 def write_whole(path: str | os.PathLike, text: str) -> None:
     """Written whole or not at all: a file that exists is complete."""
-    partial = f"{path}.partial"
-    with open(partial, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(partial, path)
+    replace_from_this_process(pathlib.Path(path), text.encode("utf-8"))
 
 
 def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:

@@ -99,6 +99,16 @@ def test_globs_limits_and_missing_paths(tmp_path):
         sources.read_documents(_files_config(tmp_path / "nothing*"))
 
 
+def test_a_file_two_entries_match_has_one_key_whatever_their_order(tmp_path):
+    (tmp_path / "corpus" / "sub").mkdir(parents=True)
+    (tmp_path / "corpus" / "sub" / "a.txt").write_text("a")
+    (tmp_path / "corpus" / "b.txt").write_text("b")
+    outer, inner = tmp_path / "corpus", f"{tmp_path}/corpus/sub/*.txt"
+    keyed = lambda *paths: sorted(d.key for d in sources.read_documents(_files_config(*paths))[0])
+    # Keyed from the higher directory, as the outer entry alone keys it.
+    assert keyed(outer, inner) == keyed(inner, outer) == keyed(outer) == ["corpus/b.txt", "corpus/sub/a.txt"]
+
+
 def test_hugging_face_dataset_saved_to_disk(tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_dict({"text": ["first", "second"], "label": [0, 1]}).save_to_disk(tmp_path / "ds")
