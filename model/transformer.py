@@ -192,12 +192,15 @@ class Mlp(nn.Module):
             _param(self, name, shape, axes, nn.initializers.zeros).astype(dt) if c.use_bias else None
         )
         h_BTF = project(x_BTD, w_up.astype(dt), bias("up_bias", (F,), ("mlp",)))
+        # The activation in float32, rounded once: in 16 bits XLA rounds after each of its
+        # elementwise ops, and XLA:CPU converts around every one (GELU and its gradient over
+        # [2,048, 1,536] in bfloat16: 8.5 ms, against 2.4 ms so).
         if c.mlp == "swiglu":
             w_gate = _param(self, "gate", (D, F), ("embed", "mlp"), _dense_init(c))
             gate_BTF = project(x_BTD, w_gate.astype(dt))
-            h_BTF = jax.nn.silu(gate_BTF) * h_BTF
+            h_BTF = (jax.nn.silu(gate_BTF.astype(jnp.float32)) * h_BTF.astype(jnp.float32)).astype(dt)
         else:
-            h_BTF = jax.nn.gelu(h_BTF, approximate=True)
+            h_BTF = jax.nn.gelu(h_BTF.astype(jnp.float32), approximate=True).astype(dt)
         h_BTF = constrain(h_BTF, ("batch", "length", "mlp"))
         return project(h_BTF, w_down.astype(dt), bias("down_bias", (D,), ("embed",)))
 
