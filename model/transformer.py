@@ -251,10 +251,10 @@ class Transformer(nn.Module):
         D, V = c.d_model, c.padded_vocab_size
         init = _zero_padding(_dense_init(c), c.vocab_size)
         embedding = _param(self, "embedding", (V, D), ("vocab", "embed"), init)
-        x_BTD = jnp.take(embedding, tokens_BT, axis=0).astype(c.compute_dtype)
+        x_BTD = jnp.take(constrain(embedding, ("vocab", None)), tokens_BT, axis=0).astype(c.compute_dtype)
         if c.positions == "learned":
             table = _param(self, "position_embedding", (c.max_seq_len, D), ("max_len", "embed"), _dense_init(c))
-            x_BTD = x_BTD + jnp.take(table, positions_BT, axis=0).astype(c.compute_dtype)
+            x_BTD = x_BTD + jnp.take(constrain(table, ("max_len", None)), positions_BT, axis=0).astype(c.compute_dtype)
         x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
 
         block = Block
