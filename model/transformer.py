@@ -96,8 +96,9 @@ def _narrow_matmul(x_MI, w_IO, bias_O):
     """`_matmul` of 16-bit operands on the CPU, where XLA runs a 16-bit matmul as one in
     float32 (both operands converted) unless it accumulates into float32 and reads both
     operands row-major: then it is YNNPACK's 16-bit kernel (bfloat16, 2,048 x 384 x 1,536 on
-    the AMX machine of the README: 1.4 against 7.9 ms). So every product here, forward and
-    backward, is of row-major operands into float32, the transposed ones copied first."""
+    the Intel machine with AMX of the README: 1.4 ms, against 8.9 ms converted to float32).
+    So every product here, forward and backward, is of row-major operands into float32, the
+    transposed ones copied first (the weight gradient: 2.1 against 11.4 ms)."""
     y_MO = jnp.dot(x_MI, w_IO, preferred_element_type=jnp.float32)
     if bias_O is not None:
         y_MO += bias_O.astype(jnp.float32)
