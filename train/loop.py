@@ -104,6 +104,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: epath.Path, mesh, job: Job) -> 
     progress = Progress(steps, start_step) if is_primary else None
     peak = peak_flops_per_device()
     timer = {"step": None, "time": None}
+    job.learning_rate(0)  # its first call compiles the schedule's ops (0.6 s): not in a timed interval
 
     def report(step, metrics):
         """Check one step's metrics and log them every `train.log_every` steps."""
@@ -159,16 +160,18 @@ def run(cfg: ml_collections.ConfigDict, workdir: epath.Path, mesh, job: Job) -> 
                 if pending is not None:
                     report(*pending)
                 pending = (step, metrics)
-                evaluates = job.evaluate and step % cfg.eval.every_steps == 0 and step != steps
-                saves = step != steps and (step % cfg.checkpoint.every_steps == 0 or preempted.is_set())
-                if evaluates or saves:  # under nonfinite='stop' a failed step raises before its state is saved
-                    report(*pending)
+                if job.evaluate and step % cfg.eval.every_steps == 0 and step != steps:
+                    report(*pending)  # under nonfinite='stop' a failed step raises here
                     pending = None
-                if evaluates:
                     last_eval = evaluate(step)
                     timer.update(step=step, time=time.perf_counter())
-                if saves:
+                # After the evaluation: a SIGTERM during it saves this step too.
+                if step != steps and (step % cfg.checkpoint.every_steps == 0 or preempted.is_set()):
+                    if pending is not None:  # a failed step raises before its state is saved
+                        report(*pending)
+                        pending = None
                     checkpointer.save(step, state, job.batches, config_json)
+                    timer.update(step=step, time=time.perf_counter())  # the save is no step's time
                 if preempted.is_set():
                     break
             if pending is not None:

@@ -41,7 +41,9 @@ def applied_learning_rate(
     of the step was skipped. A skipped update leaves the optimizer state as it was, the
     schedule's count included (as optax.apply_if_finite does), so each of the
     `nonfinite_updates` so far puts the schedule one update behind."""
-    return float(schedule((step - 1) * updates_per_step - nonfinite_updates)) if finite else 0.0
+    # A Python int: a NumPy count would be a new argument type for the schedule's ops, each
+    # compiled anew (0.2 s).
+    return float(schedule(int((step - 1) * updates_per_step - nonfinite_updates))) if finite else 0.0
 
 
 def weight_decay_mask(params):

@@ -19,6 +19,7 @@ from data import pipeline
 from tests.train.tiny_experiment import STEPS, tiny_config, write_tiny_corpus
 from train import config as config_lib
 from train import pretrain
+from train.checkpoint import Checkpointer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -155,6 +156,45 @@ def test_sigterm_during_the_final_evaluation_still_stops_the_run(uninterrupted, 
         pretrain.run(cfg, tmp_path)
     assert exit_info.value.code == 128 + signal.SIGTERM
     assert (tmp_path / "checkpoints" / "6").is_dir() and not (tmp_path / "samples.txt").exists()
+
+
+def test_sigterm_during_an_evaluation_saves_that_step(uninterrupted, corpus_dir, tmp_path, monkeypatch):
+    """The save is decided after the evaluation, so a SIGTERM that lands while it runs (at a
+    step that is no checkpoint step) loses no steps."""
+    _, cache, _ = uninterrupted
+    evaluate = pretrain.evaluate
+
+    def evaluate_then_get_sigterm(*args, **kwargs):
+        result = evaluate(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(pretrain, "evaluate", evaluate_then_get_sigterm)
+    cfg = tiny_config(corpus_dir, cache, steps=6)
+    cfg.eval.every_steps = 2
+    cfg.checkpoint.every_steps = 100
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.run(cfg, tmp_path)
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+
+
+def test_logged_step_times_leave_out_checkpoint_saves_and_the_schedules_compilation(uninterrupted, corpus_dir, tmp_path, monkeypatch):
+    """Every logged interval is steps only: a checkpoint save made slow by a second, and the
+    learning-rate schedule's first call (0.3 s of compiling), fall between intervals."""
+    _, cache, _ = uninterrupted
+    save = Checkpointer.save
+
+    def slow_save(*args, **kwargs):
+        save(*args, **kwargs)
+        time.sleep(1.0)
+
+    monkeypatch.setattr(Checkpointer, "save", slow_save)
+    cfg = tiny_config(corpus_dir, cache, steps=8)
+    cfg.checkpoint.every_steps = 3
+    pretrain.run(cfg, tmp_path)
+    step_times = [r["step_time"] for r in _rows(tmp_path) if "step_time" in r]
+    assert len(step_times) == 7 and max(step_times) < 0.25, step_times
 
 
 def test_nonfinite_loss_stops_the_run_naming_the_step(uninterrupted, corpus_dir, tmp_path):
