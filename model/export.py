@@ -1,7 +1,8 @@
 """Write a model as a Hugging Face directory that `transformers` (and lm-eval-harness, vLLM,
 TRL) load: `config.json`, `model.safetensors` (float32) and, given one, the SentencePiece
-tokenizer as `tokenizer.model` with a `tokenizer_config.json` naming `LlamaTokenizer`, its
-BOS, EOS and PAD ids in `config.json` and `generation_config.json`.
+tokenizer: as `tokenizer.json` for `transformers` (`hf_tokenizer`), as `tokenizer.model` for
+tools that read SentencePiece, its BOS, EOS and PAD ids in `config.json` and
+`generation_config.json`.
 
     python -m model.export --workdir=runs/quickstart --out=runs/quickstart/hf
 
@@ -19,13 +20,69 @@ import pathlib
 import jax
 import numpy as np
 import sentencepiece as spm
+import tokenizers
 from absl import flags
 from etils import epath
 from safetensors.numpy import save_file
+from sentencepiece import sentencepiece_model_pb2
 
 from model import sharding
 from model.config import ModelConfig
 from model.transformer import layer_params
+
+
+_SPACE = "\u2581"  # SentencePiece's symbol for a space
+# What the exported pieces use for a space instead: a Unicode noncharacter, which no text for
+# interchange holds. With the symbol itself, `tokenizers` would read a literal U+2581 in a
+# text as a space (SentencePiece does too; `data.tokenizer` encodes it as its bytes).
+_SPACE_STAND_IN = "\ufdd0"
+
+
+def hf_tokenizer(model_proto: bytes) -> tokenizers.Tokenizer:
+    """The SentencePiece model as a `tokenizers` pipeline that encodes every text as
+    `data.tokenizer.Tokenizer` does (BOS first), and decodes as it does: its BPE or unigram
+    model, byte fallback, no normalization and no prefix space."""
+    proto = sentencepiece_model_pb2.ModelProto.FromString(model_proto)
+    normal = sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL
+    pieces = [p.piece.replace(_SPACE, _SPACE_STAND_IN) if p.type == normal else p.piece for p in proto.pieces]
+    unk = proto.trainer_spec.unk_id
+    if proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.BPE:
+        vocab = {piece: i for i, piece in enumerate(pieces)}
+        model = tokenizers.models.BPE(
+            vocab, _merges(pieces, [p.score for p in proto.pieces]), unk_token=pieces[unk], fuse_unk=True, byte_fallback=True,
+        )
+    elif proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
+        # SentencePiece never matches a control or byte piece in text; `tokenizers` has no
+        # piece types, so they score below any segmentation into normal pieces.
+        lowest = min(p.score for p in proto.pieces if p.type == normal) - 1e4
+        scores = [p.score if p.type == normal else lowest for p in proto.pieces]
+        model = tokenizers.models.Unigram(list(zip(pieces, scores)), unk_id=unk, byte_fallback=True)
+    else:
+        raise ValueError(f"export: a {proto.trainer_spec.model_type} SentencePiece model; export takes BPE and unigram")
+    tokenizer = tokenizers.Tokenizer(model)
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(replacement=_SPACE_STAND_IN, prepend_scheme="never", split=False)
+    tokenizer.decoder = tokenizers.decoders.Sequence([
+        tokenizers.decoders.Replace(_SPACE_STAND_IN, " "), tokenizers.decoders.ByteFallback(), tokenizers.decoders.Fuse(),
+    ])
+    specials = [i for i in (proto.trainer_spec.pad_id, unk, proto.trainer_spec.bos_id, proto.trainer_spec.eos_id) if i >= 0]
+    tokenizer.add_special_tokens([tokenizers.AddedToken(pieces[i], special=True, normalized=False) for i in specials])
+    bos = pieces[proto.trainer_spec.bos_id]
+    tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, proto.trainer_spec.bos_id)],
+    )
+    return tokenizer
+
+
+def _merges(pieces: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """BPE merges in the order SentencePiece applies them: every split of a piece into two
+    pieces, ranked by the merged piece's score (SentencePiece merges the best-scoring pair
+    first), the splits of one piece by their halves' ids."""
+    ids = {piece: i for i, piece in enumerate(pieces)}
+    ranked = []
+    for merged, score in zip(pieces, scores):
+        splits = [(merged[:k], merged[k:]) for k in range(1, len(merged)) if merged[:k] in ids and merged[k:] in ids]
+        ranked += [(-score, ids[left], ids[right], left, right) for left, right in splits]
+    return [(left, right) for *_, left, right in sorted(ranked)]
 
 
 def family(config: ModelConfig) -> str:
@@ -64,11 +121,13 @@ def to_hf(config: ModelConfig, params, out: pathlib.Path, tokenizer_model: epath
         ids = {name: i for name, i in (
             ("bos", pieces.bos_id()), ("eos", pieces.eos_id()), ("pad", pieces.pad_id()), ("unk", pieces.unk_id()),
         ) if i >= 0}
-        # No prefix space: the text is encoded exactly as this project's tokenizer encodes it
-        # (except a literal U+2581, which LlamaTokenizer reads as a space).
+        hf_tokenizer(model_proto).save(str(out / "tokenizer.json"))
         (out / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-            "legacy": False, "add_prefix_space": False, **{f"{name}_token": pieces.id_to_piece(i) for name, i in ids.items()},
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            # "<s>" in a text is text, as this project's tokenizer reads it.
+            "split_special_tokens": True, "clean_up_tokenization_spaces": False,
+            "model_max_length": config.max_seq_len,
+            **{f"{name}_token": pieces.id_to_piece(i) for name, i in ids.items()},
         }, indent=2))
         # Without them transformers falls back to its own defaults (Llama's EOS is 2, this
         # tokenizer's BOS), and generation would not stop at this tokenizer's EOS.

@@ -190,3 +190,36 @@ def test_export_loads_in_transformers_with_the_same_logits_and_reimports_identic
     config_again, params_again = model.from_hf(tmp_path / "exported")
     assert config_again == config
     jax.tree.map(np.testing.assert_array_equal, params_again, params)
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_the_exported_tokenizer_encodes_and_decodes_as_ours(tmp_path, model_type):
+    import email
+    import pathlib
+
+    import ml_collections
+
+    from data import tokenizer as tokenizer_lib
+    from model.export import hf_tokenizer
+
+    corpus = [pathlib.Path(m.__file__).read_text()[:20_000] for m in (json, email, pathlib, pytest)]
+    corpus.append("Ünïcödé café — “quotes” 日本語のテキスト。 emoji 😀 tab\there  two  spaces\n\nnewlines")
+    settings = ml_collections.ConfigDict(dict(model_type=model_type, vocab_size=600, character_coverage=0.9995, split_digits=False))
+    ours = tokenizer_lib.train(tokenizer_lib.training_pieces(corpus), settings)
+    hf_tokenizer(ours.model_proto).save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "split_special_tokens": True, "clean_up_tokenization_spaces": False,
+    }))
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    texts = [
+        "hello world", " leading space", "  two", "trailing ", "a   b", "\nfirst", "a\nb\n\nc", "\tx\t", "ünïcödé",
+        "日本語", "😀🎉", "rare \u0b85\u0bae", "\r\n crlf", "zero\u200bwidth", "nbsp\u00a0x", "", " ", "def f(x):\n    return x\n",
+        # SentencePiece's own symbol for a space, as a character of the text: its bytes.
+        "\u2581", "a\u2581b", " \u2581 ", "\u2581\u2581x",
+        # The special pieces' names are text.
+        "<s> not bos", "</s>", "<unk>", "<pad>", "<0x41>",
+    ] + [text[:2000] for text in corpus]
+    for text in texts:
+        ids = ours.encode([text], add_bos=True)[0]
+        assert theirs(text)["input_ids"] == ids, text
+        assert theirs.decode(ids, skip_special_tokens=True) == text, text
