@@ -18,7 +18,7 @@ import model
 from align import trees
 from align.logprobs import response_logps
 from align.losses import kto_loss
-from train.step import LossOutput
+from train.step import LossOutput, Ratio
 
 
 def loss_fn(cfg, model_config: model.ModelConfig):
@@ -39,13 +39,13 @@ def loss_fn(cfg, model_config: model.ModelConfig):
         )
         n = jnp.sum(valid_B)
         desirable, undesirable = labels_B * valid_B, (1 - labels_B) * valid_B
-        # Means within the micro-batch, times its size: the step's division gives their mean.
-        margin = (
-            jnp.sum(rewards_B * desirable) / jnp.maximum(jnp.sum(desirable), 1.0)
-            - jnp.sum(rewards_B * undesirable) / jnp.maximum(jnp.sum(undesirable), 1.0)
-        )
         total = jnp.sum(losses_B * valid_B)
-        metrics = {"loss": total, "kl": kl * n, "rewards/margins": margin * n}
+        metrics = {
+            "loss": total, "kl": kl * n,
+            # Each class's mean over the step, however its examples fall into micro-batches.
+            "rewards/desirable": Ratio(jnp.sum(rewards_B * desirable), jnp.sum(desirable)),
+            "rewards/undesirable": Ratio(jnp.sum(rewards_B * undesirable), jnp.sum(undesirable)),
+        }
         return LossOutput(total, n, metrics)
 
     return fn

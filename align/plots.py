@@ -15,13 +15,21 @@ _PANELS = (
 )
 
 
+def with_kto_margins(row: dict) -> dict:
+    """`row` with KTO's reward margins (desirable - undesirable), which it logs as class means."""
+    for prefix in ("", "eval_"):
+        if f"{prefix}rewards/desirable" in row:
+            row = {**row, f"{prefix}rewards/margins": row[f"{prefix}rewards/desirable"] - row[f"{prefix}rewards/undesirable"]}
+    return row
+
+
 def plot_run(metrics_path: epath.Path, out_path: epath.Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(metrics_path)
+    rows = [with_kto_margins(row) for row in read_metrics(metrics_path)]
     panels = []
     for keys, title in _PANELS:
         series = {k: [(r["step"], r[k]) for r in rows if k in r] for k in keys}

@@ -35,7 +35,7 @@ from train import workdir as workdir_lib
 from train.loop import global_batch
 from train.optimizer import learning_rate_schedule, make_optimizer
 from train.state import abstract_state, init_state, state_shardings
-from train.step import batch_sharding, compile_eval_step, compile_train_step
+from train.step import batch_sharding, compile_eval_step, compile_train_step, reported
 
 log = logging.getLogger("align")
 
@@ -51,14 +51,13 @@ def _shard_args(batch_size: int) -> dict:
     )
 
 
-def _sum_over(batches, step_fn, mesh) -> dict[str, float]:
-    """Sums of a compiled function's outputs over batches."""
-    totals: dict[str, float] = {}
+def _sum_over(batches, step_fn, mesh) -> dict:
+    """Sums of a compiled function's outputs (a dict of scalars and `Ratio`s) over batches."""
+    totals = None
     for batch in batches:
-        out = jax.device_get(step_fn(global_batch(batch, mesh)))
-        for key, value in out.items():
-            totals[key] = totals.get(key, 0.0) + float(value)
-    return totals
+        out = jax.tree.map(float, jax.device_get(step_fn(global_batch(batch, mesh))))
+        totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
+    return totals or {}
 
 
 def _per_example(fn, params, frozen, examples, kind, cfg, mesh, shardings) -> np.ndarray:
@@ -192,7 +191,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.Res
                 lambda b: eval_step(state.params, state.frozen, b), mesh,
             )
             weight = max(sums.pop("weight"), 1.0)
-            metrics.update({f"eval_{k}": v / weight for k, v in sums.items()})
+            with np.errstate(divide="ignore", invalid="ignore"):
+                metrics.update({f"eval_{k}": float(v) for k, v in reported(jax.tree.map(np.float64, sums), weight).items()})
         if cfg.task.name and cfg.method != "reward":
             policy = trees.policy(cfg, state.params, state.frozen)
             scores = task_accuracy(cfg, model_config, tokenizer, policy)

@@ -36,7 +36,25 @@ from train.state import TrainState, state_shardings
 class LossOutput(NamedTuple):
     objective: jax.Array  # summed over the micro-batch's examples; differentiated
     weight: jax.Array  # what `objective` sums over; the update divides by its total
-    metrics: dict  # sums over the micro-batch, reported divided by the total weight
+    metrics: dict  # sums over the micro-batch, reported divided by the total weight (a Ratio by its own)
+
+
+class Ratio(NamedTuple):
+    """A metric that is a mean over some of the examples (one class of them, say): its sum
+    and its own weight, each summed over the micro-batches, reported as their quotient (NaN
+    when no example of the step had weight)."""
+
+    total: jax.Array
+    weight: jax.Array
+
+
+def reported(metric_sums: dict, weight) -> dict:
+    """The metrics of summed `LossOutput.metrics`: each sum over the total weight, a Ratio's
+    over its own."""
+    return {
+        name: value.total / value.weight if isinstance(value, Ratio) else value / weight
+        for name, value in metric_sums.items()
+    }
 
 
 LossFn = Callable[..., LossOutput]
@@ -123,7 +141,7 @@ def train_step(state: TrainState, batch, *, loss_fn: LossFn, optimizer, microbat
         rng=jax.random.key_data(rng),
         nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
     )
-    metrics = {name: value / weight for name, value in metric_sums.items()}
+    metrics = reported(metric_sums, weight)
     metrics.update(
         grad_norm=grad_norm, weight=weight, finite=finite, nonfinite_steps=new_state.nonfinite_steps
     )

@@ -30,6 +30,7 @@ import numpy as np
 from absl import flags
 
 from align import online, source
+from align.plots import with_kto_margins
 from align import train as align_train
 from align.tasks import arithmetic
 from experiments import quickstart
@@ -185,7 +186,7 @@ def plot_summary(root: pathlib.Path, out_path: pathlib.Path) -> None:
     for variant in ("dpo", "dpo_plain", "dpo_lora", "kto"):
         points = [(0, sft_accuracy)] + [(r["step"], r["eval_accuracy"]) for r in rows[variant] if "eval_accuracy" in r]
         axes[0].plot(*zip(*points), "o-", ms=3, label=variant)
-        margins = [(r["step"], r["rewards/margins"]) for r in rows[variant] if "rewards/margins" in r]
+        margins = [(r["step"], r["rewards/margins"]) for r in map(with_kto_margins, rows[variant]) if "rewards/margins" in r]
         axes[1].plot(*zip(*margins), lw=1, label=f"{variant} (train)")
     pairwise = [(r["step"], r["eval_pairwise_accuracy"]) for r in rows["reward"] if "eval_pairwise_accuracy" in r]
     axes[2].plot(*zip(*pairwise), "o-", ms=3, color="tab:purple", label="held-out pairs")

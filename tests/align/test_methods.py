@@ -21,7 +21,7 @@ from model import sharding
 from model.generate import Generation
 from train.optimizer import make_optimizer
 from train.state import init_state, state_shardings
-from train.step import compile_train_step
+from train.step import compile_train_step, reported
 
 CONFIG = model.ModelConfig(
     vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=32,
@@ -57,7 +57,7 @@ def _pairs(batch_size=4, seed=0):
 
 def _loss(loss_fn, params, frozen, batch):
     out = loss_fn(params, frozen, jax.tree.map(jnp.asarray, batch), jax.random.key(0))
-    return float(out.objective) / float(out.weight), {k: float(v) / float(out.weight) for k, v in out.metrics.items()}
+    return float(out.objective) / float(out.weight), {k: float(v) for k, v in reported(out.metrics, out.weight).items()}
 
 
 def test_dpo_at_policy_equal_reference_is_ln2_with_zero_margins():
@@ -127,6 +127,28 @@ def test_kto_at_policy_equal_reference_is_one_half():
     loss, metrics = _loss(kto.loss_fn(cfg, CONFIG), params, frozen, batch)
     assert loss == pytest.approx(0.5, abs=1e-6)  # 1 - sigmoid(0) for every example
     assert metrics["kl"] == 0.0
+
+
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_kto_logs_each_class_mean_reward_whatever_the_micro_batches_hold(microbatches):
+    """Labels desirable, desirable, undesirable, undesirable: with two micro-batches each
+    holds one class only, and each class's logged mean is still the mean over the step."""
+    cfg = _cfg("kto", kto=dict(beta=0.5), optimizer=dict(warmup_steps=0))
+    params, frozen = _trees(cfg)
+    params = jax.tree.map(lambda w: w * 1.3, params)  # a policy away from the reference
+    batch = _pairs(seed=5)
+    batch["label"] = np.asarray([1, 1, 0, 0], np.float32)
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    optimizer = make_optimizer(cfg.optimizer, 100)
+    shardings = state_shardings(optimizer, mesh, *trees.boxed_trees(cfg, CONFIG))
+    step = compile_train_step(kto.loss_fn(cfg, CONFIG), optimizer, mesh, shardings, microbatches=microbatches)
+    matched = {k: v[:, 0] for k, v in batch.items() if k != "label"}
+    rewards = 0.5 * (response_logps(CONFIG, params["model"], matched)[0] - response_logps(CONFIG, frozen["reference"], matched)[0])
+    with jax.set_mesh(mesh):  # the step takes the state's buffers (donated)
+        _, metrics = step(init_state(params, optimizer, 0, frozen), batch)
+    assert abs(float(rewards[0] - rewards[2])) > 1e-3
+    np.testing.assert_allclose(float(metrics["rewards/desirable"]), float(jnp.mean(rewards[:2])), rtol=1e-4)
+    np.testing.assert_allclose(float(metrics["rewards/undesirable"]), float(jnp.mean(rewards[2:])), rtol=1e-4)
 
 
 def test_reward_is_read_at_the_last_real_token_under_left_and_right_padding():
