@@ -97,3 +97,23 @@ def test_the_sharded_gradient_needs_no_array_copied_whole_to_every_device(positi
         tokens = jax.device_put(tokens, NamedSharding(mesh, sharding.logical_to_spec(("batch", "length"))))
         jax.jit(jax.grad(loss)).lower(params, tokens).compile()
     assert "Involuntary full rematerialization" not in capfd.readouterr().err
+
+
+def test_two_processes_join_one_job_from_the_environment_variables_the_docs_name():
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as free:
+        free.bind(("localhost", 0))
+        port = free.getsockname()[1]
+    program = "from model import sharding; sharding.initialize_distributed(); import jax; print(jax.process_index(), jax.process_count())"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2"}
+    processes = [
+        subprocess.Popen([sys.executable, "-c", program], env={**env, "JAX_PROCESS_ID": str(i)},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=120) for p in processes]
+    assert [out.split() for out, _ in outputs] == [["0", "2"], ["1", "2"]], outputs
