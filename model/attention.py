@@ -143,6 +143,11 @@ def causal_segment_mask(segment_ids_BT, T: int):
 
 
 def _xla(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT):
+    if q_BTNH.dtype == jnp.float16 and jax.default_backend() == "cpu":
+        # dot_product_attention asks for float16 products summed in float32, which XLA's CPU
+        # backend refuses ("precision F16_F16_F32 is not supported"): compute in float32.
+        f32 = lambda x: x.astype(jnp.float32)
+        return _xla(f32(q_BTNH), f32(k_BTKH), f32(v_BTKH), segment_ids_BT).astype(jnp.float16)
     if segment_ids_BT is None:
         return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True)
     mask = causal_segment_mask(segment_ids_BT, q_BTNH.shape[1])

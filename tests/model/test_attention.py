@@ -171,6 +171,17 @@ def test_blockwise_training_memory_is_below_xla():
     assert blockwise < xla / 8, (blockwise, xla)
 
 
+@pytest.mark.parametrize("implementation", ["xla", "blockwise"])
+def test_float16_runs_on_the_cpu_as_float32_on_the_same_inputs_does(implementation):
+    q, k, v, weights = _inputs(K=2)
+    segment_ids = jnp.asarray(np.repeat([[1] * 9 + [2] * (T - 9)], B, axis=0), jnp.int32)
+    q, k, v = (x.astype(jnp.float16) for x in (q, k, v))
+    out, grads = _value_and_grads(implementation, q, k, v, segment_ids, weights.astype(jnp.float16))
+    want, want_grads = _value_and_grads("xla", *(x.astype(jnp.float32) for x in (q, k, v)), segment_ids, weights)
+    for got, ref in zip([out, *grads], [want, *want_grads]):
+        np.testing.assert_allclose(got, ref, atol=2e-2 * np.abs(ref).max())
+
+
 def test_resolve_and_unknown_names():
     assert attention.resolve("blockwise", 16) == "blockwise"
     assert jax.default_backend() == "cpu"
