@@ -7,7 +7,9 @@ import logging
 import sys
 
 import grain
+import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from data.packing import DataChanged
 
@@ -81,6 +83,7 @@ class Checkpointer:
         _silence_abandoned_reads()
         unreadable = []
         for step in sorted(self._manager.all_steps(), reverse=True):
+            self._require_process_count(step)
             try:
                 restored = self._manager.restore(
                     step,
@@ -108,6 +111,18 @@ class Checkpointer:
                 "delete the checkpoints to start over there"
             )
         return None
+
+    def _require_process_count(self, step: int) -> None:
+        """The data iterators' positions are saved one per process (`process_I-of-N.json`): a
+        checkpoint resumes only with the process count that wrote it."""
+        written = [p.name for p in (epath.Path(self.directory) / str(step) / "data").glob("process_*-of-*.json")]
+        count = int(written[0].split("-of-")[1].removesuffix(".json")) if written else jax.process_count()
+        if count != jax.process_count():
+            raise ValueError(
+                f"{self.directory}/{step} was written by {count} processes and this run has "
+                f"{jax.process_count()}: each process's place in the data is saved apart, so the run "
+                f"resumes only with {count} processes; nothing was changed"
+            )
 
     def restore_state(self, abstract_state):
         """(state, step) of the newest checkpoint, the state alone (no data iterator): how

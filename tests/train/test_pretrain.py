@@ -197,6 +197,19 @@ def test_logged_step_times_leave_out_checkpoint_saves_and_the_schedules_compilat
     assert len(step_times) == 7 and max(step_times) < 0.25, step_times
 
 
+def test_a_checkpoint_of_another_process_count_is_refused_naming_both(uninterrupted, corpus_dir, tmp_path):
+    import shutil
+
+    workdir, cache, _ = uninterrupted
+    shutil.copytree(workdir, tmp_path / "run")
+    newest = max(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    data = tmp_path / "run" / "checkpoints" / str(newest) / "data"
+    (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")  # as two processes write it
+    with pytest.raises(ValueError, match=rf"/{newest} was written by 2 processes and this run has 1: .*nothing was changed"):
+        pretrain.run(tiny_config(corpus_dir, cache, steps=STEPS + 5), tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoints" / str(newest)).is_dir()
+
+
 def test_nonfinite_loss_stops_the_run_naming_the_step(uninterrupted, corpus_dir, tmp_path):
     _, cache, _ = uninterrupted
     cfg = tiny_config(corpus_dir, cache, steps=20)
