@@ -52,10 +52,11 @@ def _shard_args(batch_size: int) -> dict:
 
 
 def _sum_over(batches, step_fn, mesh) -> dict:
-    """Sums of a compiled function's outputs (a dict of scalars and `Ratio`s) over batches."""
+    """Sums of a compiled function's outputs (a dict of scalars and `Ratio`s) over batches, in
+    float64 (a `Ratio` of no weight divides to NaN)."""
     totals = None
     for batch in batches:
-        out = jax.tree.map(float, jax.device_get(step_fn(global_batch(batch, mesh))))
+        out = jax.tree.map(np.float64, jax.device_get(step_fn(global_batch(batch, mesh))))
         totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
     return totals or {}
 
@@ -192,7 +193,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.Res
             )
             weight = max(sums.pop("weight"), 1.0)
             with np.errstate(divide="ignore", invalid="ignore"):
-                metrics.update({f"eval_{k}": float(v) for k, v in reported(jax.tree.map(np.float64, sums), weight).items()})
+                metrics.update({f"eval_{k}": float(v) for k, v in reported(sums, weight).items()})
         if cfg.task.name and cfg.method != "reward":
             policy = trees.policy(cfg, state.params, state.frozen)
             scores = task_accuracy(cfg, model_config, tokenizer, policy)
