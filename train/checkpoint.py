@@ -8,8 +8,10 @@ import sys
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from data.packing import DataChanged
 
@@ -53,6 +55,24 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {message}"
 
 
+# What restoring one checkpoint came to on one process, worst last.
+_RESTORED, _UNREADABLE, _DATA_CHANGED = range(3)
+
+
+def _join_restore_barrier() -> None:
+    """orbax's restore ends at a barrier of every process (`Checkpointer.restore`), which a
+    process whose restore raised did not reach: it joins it here, or the processes that did
+    restore would pair that barrier with this process's next collective."""
+    if jax.process_count() > 1:
+        ocp.multihost.sync_global_processes("_Checkpointer:restore")
+
+
+def _worst_of_all_processes(outcome: int) -> int:
+    if jax.process_count() == 1:
+        return outcome
+    return int(multihost_utils.process_allgather(np.int32(outcome)).max())
+
+
 class Checkpointer:
     """Asynchronous saves every K steps, keeping the last N; restores the newest readable
     checkpoint, skipping incomplete or corrupt ones with a warning."""
@@ -79,11 +99,14 @@ class Checkpointer:
         """(state, step) of the newest checkpoint that restores, or None if there is none.
         `data_iterator` is restored in place. Unreadable checkpoints newer than the one
         restored are deleted, so that the run can save those steps again; if none restores
-        (a state of another shape), nothing is deleted and the run stops."""
+        (a state of another shape), nothing is deleted and the run stops. With several
+        processes a checkpoint counts as restored only if it restored on every process, so
+        that all resume from the same step."""
         _silence_abandoned_reads()
         unreadable = []
         for step in sorted(self._manager.all_steps(), reverse=True):
             self._require_process_count(step)
+            data_changed = None
             try:
                 restored = self._manager.restore(
                     step,
@@ -92,13 +115,28 @@ class Checkpointer:
                         data=grain.checkpoint.CheckpointRestore(data_iterator),
                     ),
                 )
-            except DataChanged:  # readable, but of other data: no older checkpoint is better
-                raise
+                outcome = _RESTORED
+            except DataChanged as error:  # readable, but of other data: no older checkpoint is better
+                data_changed, outcome = error, _DATA_CHANGED
+                _join_restore_barrier()
             except Exception as error:  # noqa: BLE001 - any unreadable checkpoint is skipped
                 log.warning(
                     "checkpoint %s/%d cannot be restored (%s); trying the previous one",
                     self.directory, step, _reason(error),
                 )
+                outcome = _UNREADABLE
+                _join_restore_barrier()
+            worst = _worst_of_all_processes(outcome)
+            if worst == _DATA_CHANGED:
+                raise data_changed or DataChanged(
+                    f"{self.directory}/{step}: another process found its data changed (see its error)"
+                )
+            if worst == _UNREADABLE:
+                if outcome == _RESTORED:
+                    log.warning(
+                        "checkpoint %s/%d restored here but not on another process; trying the previous one",
+                        self.directory, step,
+                    )
                 unreadable.append(step)
                 continue
             for bad in unreadable:

@@ -9,8 +9,11 @@ exit status 1; an exception raised anywhere else is a bug and keeps its tracebac
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
+import signal
 import sys
+import traceback
 from typing import Callable
 
 import ml_collections
@@ -41,13 +44,37 @@ def _message(error: BaseException) -> str:
 
 
 def exit_on_input_error(function: Callable[[], object]) -> object:
-    """Call `function`; an input error of ours ends the program with its message alone."""
+    """Call `function`; an input error of ours ends the program with its message alone. A
+    process of a multi-process job that fails exits at once (`_exit_now`)."""
     try:
         return function()
-    except _REPORTED as error:
-        if not _raised_by_this_project(error):
-            raise
-        sys.exit(f"error: {_message(error)}")
+    except BaseException as error:
+        reported = isinstance(error, _REPORTED) and _raised_by_this_project(error)
+        ending = SystemExit(f"error: {_message(error)}") if reported else error
+        stopped_together = isinstance(ending, SystemExit) and ending.code in (None, 0, 128 + signal.SIGTERM)
+        if _in_a_multiprocess_job() and not stopped_together:
+            _exit_now(ending)
+        if reported:
+            raise ending from None
+        raise
+
+
+def _in_a_multiprocess_job() -> bool:
+    jax = sys.modules.get("jax")  # a program that never imported jax is not one
+    return jax is not None and jax.distributed.is_initialized()
+
+
+def _exit_now(error: BaseException) -> None:
+    """Report the error and end this process without jax's shutdown barrier, where it would wait
+    5 minutes for the other processes while they wait for it in their next collective. Once it
+    is gone, theirs fail (a lost peer, or its heartbeat missed) and they end too."""
+    if isinstance(error, SystemExit):
+        print(error.code, file=sys.stderr)
+    else:
+        traceback.print_exception(error)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def _config_error(error: BaseException, argv: list[str]) -> str:

@@ -20,10 +20,12 @@ from typing import Callable
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 from etils import epath
+from jax.experimental import multihost_utils
 
 from train import workdir as workdir_lib
 from train.checkpoint import Checkpointer
@@ -95,8 +97,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: epath.Path, mesh, job: Job) -> 
     if start_step >= steps:
         log.info("the run in %s is already finished (step %d of %d)", workdir, start_step, steps)
 
-    preempted = threading.Event()
-    default_sigterm = signal.signal(signal.SIGTERM, lambda *_: preempted.set())
+    preemption = _Preemption()
+    default_sigterm = signal.signal(signal.SIGTERM, lambda *_: preemption.received.set())
     writer = MetricsWriter(workdir, start_step, enabled=is_primary, wandb_project=cfg.train.wandb_project)
     config_json = json.loads(cfg.to_json())
     if start_step == 0:
@@ -165,14 +167,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: epath.Path, mesh, job: Job) -> 
                     pending = None
                     last_eval = evaluate(step)
                     timer.update(step=step, time=time.perf_counter())
-                # After the evaluation: a SIGTERM during it saves this step too.
-                if step != steps and (step % cfg.checkpoint.every_steps == 0 or preempted.is_set()):
+                stopping = preemption.after_step()  # after the evaluation: a SIGTERM during it counts
+                if step != steps and (step % cfg.checkpoint.every_steps == 0 or stopping):
                     if pending is not None:  # a failed step raises before its state is saved
                         report(*pending)
                         pending = None
                     checkpointer.save(step, state, job.batches, config_json)
                     timer.update(step=step, time=time.perf_counter())  # the save is no step's time
-                if preempted.is_set():
+                if stopping:
                     break
             if pending is not None:
                 report(*pending)
@@ -188,7 +190,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: epath.Path, mesh, job: Job) -> 
                 checkpointer.save(steps, state, job.batches, config_json)
             elif finished and job.evaluate:
                 last_eval = job.evaluate(state)
-        if finished and job.samples and not preempted.is_set():
+        stopping = preemption.agreed_now()
+        if finished and job.samples and not stopping:
             writer.text("samples", job.samples(state), steps)
     finally:  # also when a step fails: pending saves finish, nothing is left half-written
         profiler.stop()
@@ -197,10 +200,55 @@ def run(cfg: ml_collections.ConfigDict, workdir: epath.Path, mesh, job: Job) -> 
         writer.close()
         workdir_lib.release(workdir)
         signal.signal(signal.SIGTERM, default_sigterm)
-    if preempted.is_set():  # also when it came after the last step: nothing after the run starts
+    if stopping or preemption.received.is_set():  # also after the last step: nothing after the run starts
         log.warning("SIGTERM: saved the checkpoint at step %d; the same command resumes", int(state.step))
         raise SystemExit(128 + signal.SIGTERM)
     return Result(state, last_eval)
+
+
+class _Preemption:
+    """SIGTERM, acted on at the same step by every process.
+
+    A save is collective: a process that saves while another runs its next step deadlocks
+    both, and a scheduler may signal one host before the others (or one host only). So with
+    several processes each step's flags go into an all-reduce, dispatched after the step and
+    read after the next one is dispatched, as its metrics are: every process stops one step
+    later than the signal, at the same step, without waiting for the devices. A single process
+    acts on its own flag at once."""
+
+    def __init__(self):
+        self.received = threading.Event()
+        self._pending = None  # the all-reduce of the last step's flags, not yet read
+        self._agreed = False
+        if jax.process_count() > 1:
+            by_process = np.array(jax.devices()).reshape(jax.process_count(), jax.local_device_count())
+            mesh = jax.sharding.Mesh(by_process, ("processes", "local_devices"))
+            one_row_each = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("processes"))
+            self._flags = {  # [process_count] arrays of this process's flag, false or true
+                value: jax.make_array_from_single_device_arrays(
+                    (jax.process_count(),), one_row_each,
+                    [jax.device_put(np.array([value], np.int32), d) for d in jax.local_devices()],
+                )
+                for value in (False, True)
+            }
+            self._any = jax.jit(jnp.max, out_shardings=one_row_each.update(spec=jax.sharding.PartitionSpec()))
+
+    def after_step(self) -> bool:
+        """Whether to save and stop after the step just dispatched. Every process calls it once
+        a step."""
+        if jax.process_count() == 1:
+            return self.received.is_set()
+        previous, self._pending = self._pending, self._any(self._flags[self.received.is_set()])
+        self._agreed = self._agreed or (previous is not None and bool(previous.addressable_data(0)))
+        return self._agreed
+
+    def agreed_now(self) -> bool:
+        """Whether any process has received SIGTERM, agreed by waiting for every process: for
+        the end of the run, where every process stops anyway."""
+        if jax.process_count() == 1:
+            return self.received.is_set()
+        self._agreed = self._agreed or bool(multihost_utils.process_allgather(np.int32(self.received.is_set())).max())
+        return self._agreed
 
 
 class _Profiler:

@@ -1,0 +1,131 @@
+"""Two JAX processes (4 fake CPU devices each) training one model, as on two hosts: a stop, a
+resume and a failure are acted on by both processes alike."""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from data import prepare
+from tests.train.tiny_experiment import STEPS, tiny_config, write_tiny_corpus
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    """An experiment file mirroring `tiny_config`, its token cache prepared. With
+    FAIL_ON_PROCESS_1 set, process 1's data iterator raises at its 15th batch."""
+    corpus, cache = write_tiny_corpus(tmp_path_factory.mktemp("corpus")), tmp_path_factory.mktemp("cache")
+    prepare.run(tiny_config(corpus, cache).data)
+    path = tmp_path_factory.mktemp("config") / "experiment.py"
+    path.write_text(textwrap.dedent(f"""
+        import os
+        import grain
+        from data import pipeline
+        from tests.train.tiny_experiment import tiny_config
+
+        class FailingAt15(grain.DatasetIterator):
+            def __init__(self, batches):
+                super().__init__()
+                self.batches, self.count = batches, 0
+            def __next__(self):
+                self.count += 1
+                if self.count == 15:
+                    raise OSError("a read error on process 1")
+                return next(self.batches)
+            def get_state(self):
+                return self.batches.get_state()
+            def set_state(self, state):
+                self.batches.set_state(state)
+
+        if os.environ["JAX_PROCESS_ID"] == "1" and "FAIL_ON_PROCESS_1" in os.environ:
+            train_iterator = pipeline.train_iterator
+            pipeline.train_iterator = lambda *args, **kwargs: FailingAt15(train_iterator(*args, **kwargs))
+
+        def get_config():
+            return tiny_config({str(corpus)!r}, {str(cache)!r})
+    """))
+    return path
+
+
+def _launch_two(config_file, workdir, **env_overrides):
+    with socket.socket() as free:
+        free.bind(("localhost", 0))
+        port = free.getsockname()[1]
+    env = {
+        **os.environ, **env_overrides, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
+    }
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "train.pretrain", f"--config={config_file}", f"--workdir={workdir}"],
+            cwd=ROOT, env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(2)
+    ]
+
+
+def _outputs(processes, timeout=180):
+    try:
+        return [p.communicate(timeout=timeout)[0] for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+
+
+def _losses(workdir):
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_a_stop_or_an_unreadable_checkpoint_on_one_process_is_acted_on_by_both(config_file, tmp_path):
+    workdir = tmp_path / "run"
+    processes = _launch_two(config_file, workdir)
+    deadline = time.time() + 180
+    while not (workdir / "checkpoints" / "10" / "commit_success.txt").exists():
+        assert time.time() < deadline and processes[0].poll() is None, _outputs(processes)
+        time.sleep(0.01)
+    processes[1].send_signal(signal.SIGTERM)  # a preemption notice that reached one host only
+    outputs = _outputs(processes)
+    assert [p.returncode for p in processes] == [128 + signal.SIGTERM] * 2, outputs
+    saved = {output.strip().splitlines()[-1].split("at step ")[1].split(";")[0] for output in outputs}
+    assert len(saved) == 1, outputs
+    stopped = int(saved.pop())
+    assert 10 < stopped < STEPS and (workdir / "checkpoints" / str(stopped) / "commit_success.txt").exists()
+    first_losses = _losses(workdir)
+
+    # The newest checkpoint readable on process 0 only: both resume from the one before.
+    (workdir / "checkpoints" / str(stopped) / "data" / "process_1-of-2.json").write_text('{"manifest_dig')
+    previous = stopped // 10 * 10
+    outputs = _outputs(_launch_two(config_file, workdir))
+    for output in outputs:
+        assert f"resumed from the checkpoint at step {previous} in" in output, outputs
+    assert "restored here but not on another process" in outputs[0]
+    assert "final validation loss" in outputs[0]
+    resumed_losses = _losses(workdir)
+    assert max(resumed_losses) == STEPS
+    assert [resumed_losses[s] for s in range(previous + 1, stopped + 1)] == [
+        first_losses[s] for s in range(previous + 1, stopped + 1)
+    ]
+
+
+def test_a_process_that_fails_alone_exits_at_once(config_file, tmp_path):
+    """Not after jax's 5-minute shutdown barrier, waiting for a process that waits for it."""
+    processes = _launch_two(config_file, tmp_path / "run", FAIL_ON_PROCESS_1="1")
+    try:
+        output = processes[1].communicate(timeout=120)[0]
+    finally:
+        for p in processes:
+            p.kill()
+    assert processes[1].returncode == 1, output
+    assert output.strip().splitlines()[-1] == "OSError: a read error on process 1", output
