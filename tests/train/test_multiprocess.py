@@ -56,7 +56,8 @@ def config_file(tmp_path_factory):
     return path
 
 
-def _launch_two(config_file, workdir, **env_overrides):
+def launch_two(config_file, workdir, program="train.pretrain", **env_overrides):
+    """`python -m program` as processes 0 and 1 of one job, 4 fake CPU devices each."""
     with socket.socket() as free:
         free.bind(("localhost", 0))
         port = free.getsockname()[1]
@@ -67,7 +68,7 @@ def _launch_two(config_file, workdir, **env_overrides):
     }
     return [
         subprocess.Popen(
-            [sys.executable, "-m", "train.pretrain", f"--config={config_file}", f"--workdir={workdir}"],
+            [sys.executable, "-m", program, f"--config={config_file}", f"--workdir={workdir}"],
             cwd=ROOT, env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True,
         )
@@ -75,7 +76,7 @@ def _launch_two(config_file, workdir, **env_overrides):
     ]
 
 
-def _outputs(processes, timeout=180):
+def outputs_of(processes, timeout=180):
     try:
         return [p.communicate(timeout=timeout)[0] for p in processes]
     finally:
@@ -90,13 +91,13 @@ def _losses(workdir):
 
 def test_a_stop_or_an_unreadable_checkpoint_on_one_process_is_acted_on_by_both(config_file, tmp_path):
     workdir = tmp_path / "run"
-    processes = _launch_two(config_file, workdir)
+    processes = launch_two(config_file, workdir)
     deadline = time.time() + 180
     while not (workdir / "checkpoints" / "10" / "commit_success.txt").exists():
-        assert time.time() < deadline and processes[0].poll() is None, _outputs(processes)
+        assert time.time() < deadline and processes[0].poll() is None, outputs_of(processes)
         time.sleep(0.01)
     processes[1].send_signal(signal.SIGTERM)  # a preemption notice that reached one host only
-    outputs = _outputs(processes)
+    outputs = outputs_of(processes)
     assert [p.returncode for p in processes] == [128 + signal.SIGTERM] * 2, outputs
     saved = {output.strip().splitlines()[-1].split("at step ")[1].split(";")[0] for output in outputs}
     assert len(saved) == 1, outputs
@@ -107,7 +108,7 @@ def test_a_stop_or_an_unreadable_checkpoint_on_one_process_is_acted_on_by_both(c
     # The newest checkpoint readable on process 0 only: both resume from the one before.
     (workdir / "checkpoints" / str(stopped) / "data" / "process_1-of-2.json").write_text('{"manifest_dig')
     previous = stopped // 10 * 10
-    outputs = _outputs(_launch_two(config_file, workdir))
+    outputs = outputs_of(launch_two(config_file, workdir))
     for output in outputs:
         assert f"resumed from the checkpoint at step {previous} in" in output, outputs
     assert "restored here but not on another process" in outputs[0]
@@ -121,7 +122,7 @@ def test_a_stop_or_an_unreadable_checkpoint_on_one_process_is_acted_on_by_both(c
 
 def test_a_process_that_fails_alone_exits_at_once(config_file, tmp_path):
     """Not after jax's 5-minute shutdown barrier, waiting for a process that waits for it."""
-    processes = _launch_two(config_file, tmp_path / "run", FAIL_ON_PROCESS_1="1")
+    processes = launch_two(config_file, tmp_path / "run", FAIL_ON_PROCESS_1="1")
     try:
         output = processes[1].communicate(timeout=120)[0]
     finally:
