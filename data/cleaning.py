@@ -168,7 +168,7 @@ def duplicate_line_fraction(text: str) -> float:
 
 
 def top_ngram_fraction(hashes: np.ndarray, lengths: np.ndarray, n: int) -> float:
-    """Share of word bytes covered by the most frequent word n-gram, counting each occurrence."""
+    """Share of word characters covered by the most frequent word n-gram, counting each occurrence."""
     ngrams = words.hash_ngrams(hashes, n)
     if ngrams.size == 0:
         return 0.0
@@ -182,7 +182,7 @@ def top_ngram_fraction(hashes: np.ndarray, lengths: np.ndarray, n: int) -> float
 
 
 def duplicate_ngram_fraction(hashes: np.ndarray, lengths: np.ndarray, n: int) -> float:
-    """Share of word bytes inside some n-gram that occurs more than once, its first occurrence
+    """Share of word characters inside some n-gram that occurs more than once, its first occurrence
     included: stricter than Gopher's rule as datatrove implements it, which counts only the
     repeats after the first (a passage said twice scores about twice as high here)."""
     ngrams = words.hash_ngrams(hashes, n)

@@ -30,7 +30,8 @@ def _powers(base: np.uint64, count: int) -> np.ndarray:
 
 
 def hash_words(text: str) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (hashes uint64[W], byte lengths int64[W]) of the words split at ASCII whitespace."""
+    """Returns (hashes uint64[W], lengths in characters int64[W]) of the words split at ASCII
+    whitespace: characters, as Gopher's repetition rules count them."""
     data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
     # Space, or one of \t \n \v \f \r (bytes 9..13); uint8 arithmetic wraps below 9.
     is_whitespace = (data == 32) | ((data - np.uint8(9)) < 5)
@@ -43,7 +44,9 @@ def hash_words(text: str) -> tuple[np.ndarray, np.ndarray]:
     weighted = (data[word_bytes].astype(np.uint64) + np.uint64(1)) * _powers(
         _BYTE_MULTIPLIER, int(lengths.max())
     )[position_in_word]
-    return _mix(np.add.reduceat(weighted, starts)), lengths
+    # A UTF-8 character is one byte that is not a continuation byte (0b10xxxxxx).
+    characters = np.add.reduceat((data[word_bytes] & 0xC0) != 0x80, starts, dtype=np.int64)
+    return _mix(np.add.reduceat(weighted, starts)), characters
 
 
 def hash_ngrams(word_hashes: np.ndarray, n: int) -> np.ndarray:

@@ -78,6 +78,13 @@ def test_top_ngram_fraction_matches_hand_count():
         assert cleaning.top_ngram_fraction(hashes, lengths, 2) == pytest.approx(2 * 17 / 41)
 
 
+def test_repetition_fractions_count_characters_not_bytes():
+    hashes, lengths = words.hash_words("déjà vu déjà vu été")
+    # "déjà vu" twice: 2 x 6 of the 15 word characters (16 of 21 UTF-8 bytes would be 0.76).
+    assert cleaning.top_ngram_fraction(hashes, lengths, 2) == pytest.approx(12 / 15)
+    assert cleaning.duplicate_ngram_fraction(hashes, lengths, 2) == pytest.approx(12 / 15)
+
+
 def test_duplicate_ngram_fraction_matches_hand_count():
     hashes, lengths = words.hash_words("xx y z xx y z w")
     # "xx y z" repeats: it covers the first six words (8 of 9 word characters).
@@ -87,7 +94,7 @@ def test_duplicate_ngram_fraction_matches_hand_count():
 
 def test_hash_words_is_stable_and_splits_on_whitespace():
     hashes, lengths = words.hash_words(" déjà\tvu\n vu ")
-    assert lengths.tolist() == [6, 2, 2]  # UTF-8 bytes
+    assert lengths.tolist() == [4, 2, 2]  # characters
     assert hashes[1] == hashes[2] != hashes[0]
     assert words.hash_words("vu")[0][0] == hashes[1]
 
