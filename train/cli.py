@@ -72,6 +72,9 @@ def _exit_now(error: BaseException) -> None:
         print(error.code, file=sys.stderr)
     else:
         traceback.print_exception(error)
+    from train import workdir as workdir_lib  # imported by every program that gets here
+
+    workdir_lib.release_held()  # os._exit runs no exit handlers
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(1)

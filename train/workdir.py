@@ -30,6 +30,7 @@ from etils import epath
 log = logging.getLogger("train")
 
 LOCK_FILE = "run.lock"
+_held: set[epath.Path] = set()  # the workdirs this process has locked
 # Dotted key prefixes a resumed run may change; everything else shapes the state or the
 # trajectory.
 RESUMABLE = (
@@ -157,7 +158,9 @@ def _lock(workdir: epath.Path) -> None:
             f"{workdir} is in use by process {holder.get('pid')} on {holder.get('host')} "
             f"({path}); if no run is active there, delete that file"
         )
-    atexit.register(release, workdir)
+    if not _held:
+        atexit.register(release_held)
+    _held.add(workdir)
 
 
 def _remove_if_unchanged(path: epath.Path, holder: dict) -> None:
@@ -201,6 +204,7 @@ def _create(path: epath.Path, text: str) -> bool:
 
 def release(workdir: epath.Path) -> None:
     """Give up this process's lock on the workdir (a no-op if another process holds it)."""
+    _held.discard(workdir)
     path = epath.Path(workdir) / LOCK_FILE
     try:
         holder = json.loads(path.read_text())
@@ -208,3 +212,10 @@ def release(workdir: epath.Path) -> None:
         return
     if holder == {"host": socket.gethostname(), "pid": os.getpid()}:
         path.unlink(missing_ok=True)
+
+
+def release_held() -> None:
+    """Give up every lock this process holds: at exit, and before `os._exit` (`train.cli`),
+    which skips the exit handlers."""
+    for workdir in list(_held):
+        release(workdir)

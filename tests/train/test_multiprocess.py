@@ -21,8 +21,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory):
-    """An experiment file mirroring `tiny_config`, its token cache prepared. With
-    FAIL_ON_PROCESS_1 set, process 1's data iterator raises at its 15th batch."""
+    """An experiment file mirroring `tiny_config`, its token cache prepared. FAIL_AT=P:N makes
+    process P's data iterator raise at its Nth batch (N=0: when it is made, before training)."""
     corpus, cache = write_tiny_corpus(tmp_path_factory.mktemp("corpus")), tmp_path_factory.mktemp("cache")
     prepare.run(tiny_config(corpus, cache).data)
     path = tmp_path_factory.mktemp("config") / "experiment.py"
@@ -32,23 +32,25 @@ def config_file(tmp_path_factory):
         from data import pipeline
         from tests.train.tiny_experiment import tiny_config
 
-        class FailingAt15(grain.DatasetIterator):
-            def __init__(self, batches):
+        class Failing(grain.DatasetIterator):
+            def __init__(self, batches, at):
                 super().__init__()
-                self.batches, self.count = batches, 0
+                self.batches, self.at, self.count = batches, at, 0
+                self.__next__() if at == 0 else None
             def __next__(self):
                 self.count += 1
-                if self.count == 15:
-                    raise OSError("a read error on process 1")
+                if self.count == max(self.at, 1):
+                    raise OSError(f"a read error on process {{os.environ['JAX_PROCESS_ID']}}")
                 return next(self.batches)
             def get_state(self):
                 return self.batches.get_state()
             def set_state(self, state):
                 self.batches.set_state(state)
 
-        if os.environ["JAX_PROCESS_ID"] == "1" and "FAIL_ON_PROCESS_1" in os.environ:
+        process, at = os.environ.get("FAIL_AT", "-1:0").split(":")
+        if os.environ["JAX_PROCESS_ID"] == process:
             train_iterator = pipeline.train_iterator
-            pipeline.train_iterator = lambda *args, **kwargs: FailingAt15(train_iterator(*args, **kwargs))
+            pipeline.train_iterator = lambda *args, **kwargs: Failing(train_iterator(*args, **kwargs), int(at))
 
         def get_config():
             return tiny_config({str(corpus)!r}, {str(cache)!r})
@@ -120,13 +122,18 @@ def test_a_stop_or_an_unreadable_checkpoint_on_one_process_is_acted_on_by_both(c
     ]
 
 
-def test_a_process_that_fails_alone_exits_at_once(config_file, tmp_path):
-    """Not after jax's 5-minute shutdown barrier, waiting for a process that waits for it."""
-    processes = launch_two(config_file, tmp_path / "run", FAIL_ON_PROCESS_1="1")
+@pytest.mark.parametrize("process, batch", [(1, 15), (0, 0)])
+def test_a_process_that_fails_alone_exits_at_once(config_file, tmp_path, process, batch):
+    """Not after jax's 5-minute shutdown barrier, waiting for a process that waits for it; and
+    process 0, failing before training, leaves no lock on the workdir (exit handlers do not
+    run)."""
+    processes = launch_two(config_file, tmp_path / "run", FAIL_AT=f"{process}:{batch}")
     try:
-        output = processes[1].communicate(timeout=120)[0]
+        output = processes[process].communicate(timeout=120)[0]
     finally:
         for p in processes:
             p.kill()
-    assert processes[1].returncode == 1, output
-    assert output.strip().splitlines()[-1] == "OSError: a read error on process 1", output
+    assert processes[process].returncode == 1, output
+    assert output.strip().splitlines()[-1] == f"OSError: a read error on process {process}", output
+    if process == 0:  # the lock holder
+        assert not (tmp_path / "run" / "run.lock").exists()
