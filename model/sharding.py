@@ -152,13 +152,14 @@ def initialize_distributed() -> None:
 
     On TPU VMs jax discovers the coordinator itself; on GPU clusters set
     JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run under SLURM).
-    jax reads the address itself but not the other two, so they are passed on here.
+    jax reads the address itself but not the other two, so they are passed on here. A driver
+    that runs several stages calls it once per stage: after the first it does nothing.
     """
     multi_host = (
         "JAX_COORDINATOR_ADDRESS" in os.environ
         or int(os.environ.get("SLURM_NTASKS", "1")) > 1
         or os.environ.get("TPU_WORKER_HOSTNAMES", "localhost").count(",") > 0
     )
-    if multi_host:
+    if multi_host and not jax.distributed.is_initialized():
         given = lambda name: int(os.environ[name]) if name in os.environ else None
         jax.distributed.initialize(num_processes=given("JAX_NUM_PROCESSES"), process_id=given("JAX_PROCESS_ID"))

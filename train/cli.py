@@ -45,23 +45,28 @@ def _message(error: BaseException) -> str:
 
 def exit_on_input_error(function: Callable[[], object]) -> object:
     """Call `function`; an input error of ours ends the program with its message alone. A
-    process of a multi-process job that fails exits at once (`_exit_now`)."""
+    process of a multi-process job that fails while the others may wait for it exits at once
+    (`_exit_now`)."""
     try:
         return function()
     except BaseException as error:
         reported = isinstance(error, _REPORTED) and _raised_by_this_project(error)
         ending = SystemExit(f"error: {_message(error)}") if reported else error
         stopped_together = isinstance(ending, SystemExit) and ending.code in (None, 0, 128 + signal.SIGTERM)
-        if _in_a_multiprocess_job() and not stopped_together:
+        if _awaited_by_other_processes() and not stopped_together:
             _exit_now(ending)
         if reported:
             raise ending from None
         raise
 
 
-def _in_a_multiprocess_job() -> bool:
-    jax = sys.modules.get("jax")  # a program that never imported jax is not one
-    return jax is not None and jax.distributed.is_initialized()
+def _awaited_by_other_processes() -> bool:
+    """Whether other processes of a multi-process job may wait for this one in a collective: not
+    after a run's loop has passed its last one (`train.loop.may_be_awaited`), when the others
+    have finished and jax's shutdown barrier lets every process exit cleanly."""
+    jax, loop = sys.modules.get("jax"), sys.modules.get("train.loop")
+    in_a_job = jax is not None and jax.distributed.is_initialized()
+    return in_a_job and (loop is None or loop.may_be_awaited())
 
 
 def _exit_now(error: BaseException) -> None:

@@ -44,6 +44,16 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+# Whether the other processes of a multi-process job may be waiting for this one in a
+# collective: until a run's loop has passed its last one. A process that fails then must end at
+# once (`train.cli`); after it, its error ends it alone, and the others exit as they would.
+_may_be_awaited = True
+
+
+def may_be_awaited() -> bool:
+    return _may_be_awaited
+
+
 @dataclasses.dataclass
 class Job:
     """What a training method gives the loop."""
@@ -81,6 +91,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: epath.Path, mesh, job: Job) -> 
     On SIGTERM the run saves a checkpoint at the step it reached and exits with status 143
     (SystemExit), so that nothing after it (sampling, a driver's next stage) starts while the
     job is being stopped."""
+    global _may_be_awaited
+    _may_be_awaited = True
     is_primary = jax.process_index() == 0
     steps = cfg.train.steps
     checkpointer = Checkpointer(
@@ -174,6 +186,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: epath.Path, mesh, job: Job) -> 
                         pending = None
                     checkpointer.save(step, state, job.batches, config_json)
                     timer.update(step=step, time=time.perf_counter())  # the save is no step's time
+                    stopping = preemption.after_save()
                 if stopping:
                     break
             if pending is not None:
@@ -200,7 +213,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: epath.Path, mesh, job: Job) -> 
         writer.close()
         workdir_lib.release(workdir)
         signal.signal(signal.SIGTERM, default_sigterm)
-    if stopping or preemption.received.is_set():  # also after the last step: nothing after the run starts
+    stopping = preemption.agreed_now()  # also during the samples: nothing after the run starts
+    _may_be_awaited = False  # that was this run's last collective
+    if stopping:
         log.warning("SIGTERM: saved the checkpoint at step %d; the same command resumes", int(state.step))
         raise SystemExit(128 + signal.SIGTERM)
     return Result(state, last_eval)
@@ -241,6 +256,11 @@ class _Preemption:
         previous, self._pending = self._pending, self._any(self._flags[self.received.is_set()])
         self._agreed = self._agreed or (previous is not None and bool(previous.addressable_data(0)))
         return self._agreed
+
+    def after_save(self) -> bool:
+        """Whether to stop after the checkpoint just saved: with one process a SIGTERM during
+        the save counts; with several, what `after_step` agreed."""
+        return self.received.is_set() if jax.process_count() == 1 else self._agreed
 
     def agreed_now(self) -> bool:
         """Whether any process has received SIGTERM, agreed by waiting for every process: for

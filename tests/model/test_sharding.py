@@ -99,7 +99,7 @@ def test_the_sharded_gradient_needs_no_array_copied_whole_to_every_device(positi
     assert "Involuntary full rematerialization" not in capfd.readouterr().err
 
 
-def test_two_processes_join_one_job_from_the_environment_variables_the_docs_name():
+def test_two_processes_join_one_job_from_the_environment_variables_the_docs_name_once():
     import os
     import socket
     import subprocess
@@ -108,7 +108,10 @@ def test_two_processes_join_one_job_from_the_environment_variables_the_docs_name
     with socket.socket() as free:
         free.bind(("localhost", 0))
         port = free.getsockname()[1]
-    program = "from model import sharding; sharding.initialize_distributed(); import jax; print(jax.process_index(), jax.process_count())"
+    program = (
+        "from model import sharding; sharding.initialize_distributed(); sharding.initialize_distributed(); "
+        "import jax; print(jax.process_index(), jax.process_count())"
+    )
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2"}
     processes = [
         subprocess.Popen([sys.executable, "-c", program], env={**env, "JAX_PROCESS_ID": str(i)},

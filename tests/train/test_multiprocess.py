@@ -22,7 +22,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory):
     """An experiment file mirroring `tiny_config`, its token cache prepared. FAIL_AT=P:N makes
-    process P's data iterator raise at its Nth batch (N=0: when it is made, before training)."""
+    process P's data iterator raise at its Nth batch (N=0: when it is made, before training);
+    SIGTERM_IN_SAMPLES=P sends process P a SIGTERM while it writes the samples (as it decodes
+    them: `python -m train.pretrain` runs that module as __main__, out of a config file's reach)."""
     corpus, cache = write_tiny_corpus(tmp_path_factory.mktemp("corpus")), tmp_path_factory.mktemp("cache")
     prepare.run(tiny_config(corpus, cache).data)
     path = tmp_path_factory.mktemp("config") / "experiment.py"
@@ -52,8 +54,17 @@ def config_file(tmp_path_factory):
             train_iterator = pipeline.train_iterator
             pipeline.train_iterator = lambda *args, **kwargs: Failing(train_iterator(*args, **kwargs), int(at))
 
+        if os.environ["JAX_PROCESS_ID"] == os.environ.get("SIGTERM_IN_SAMPLES"):
+            import signal
+            from data import tokenizer
+            decode = tokenizer.Tokenizer.decode
+            def decode_and_get_sigterm(self, ids):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return decode(self, ids)
+            tokenizer.Tokenizer.decode = decode_and_get_sigterm
+
         def get_config():
-            return tiny_config({str(corpus)!r}, {str(cache)!r})
+            return tiny_config({str(corpus)!r}, {str(cache)!r}, steps=int(os.environ.get("STEPS", {STEPS})))
     """))
     return path
 
@@ -137,3 +148,21 @@ def test_a_process_that_fails_alone_exits_at_once(config_file, tmp_path, process
     assert output.strip().splitlines()[-1] == f"OSError: a read error on process {process}", output
     if process == 0:  # the lock holder
         assert not (tmp_path / "run" / "run.lock").exists()
+
+
+def test_a_sigterm_during_the_samples_stops_both_processes(config_file, tmp_path):
+    """The last stop decision is agreed too, after the samples: no process goes on alone."""
+    processes = launch_two(config_file, tmp_path / "run", SIGTERM_IN_SAMPLES="1", STEPS="12")
+    outputs = outputs_of(processes, timeout=120)
+    assert [p.returncode for p in processes] == [128 + signal.SIGTERM] * 2, outputs
+    assert all("SIGTERM: saved the checkpoint at step 12" in output for output in outputs), outputs
+
+
+def test_a_failure_after_the_last_collective_leaves_the_other_process_to_exit_cleanly(config_file, tmp_path):
+    """Process 0's plot fails once training is over: it exits as usual, and process 1, which
+    finished, is not aborted by jax's coordination service."""
+    (tmp_path / "run" / "loss_curve.png").mkdir(parents=True)  # where process 0 saves the plot
+    processes = launch_two(config_file, tmp_path / "run", STEPS="12")
+    outputs = outputs_of(processes, timeout=120)
+    assert [p.returncode for p in processes] == [1, 0], outputs
+    assert "IsADirectoryError" in outputs[0].strip().splitlines()[-1], outputs[0]

@@ -179,6 +179,26 @@ def test_sigterm_during_an_evaluation_saves_that_step(uninterrupted, corpus_dir,
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
 
 
+def test_sigterm_during_a_checkpoint_save_stops_after_it(uninterrupted, corpus_dir, tmp_path, monkeypatch):
+    """No step after the saved one, and no second save."""
+    _, cache, _ = uninterrupted
+    save = Checkpointer.save
+
+    def save_then_get_sigterm(self, step, *args, **kwargs):
+        save(self, step, *args, **kwargs)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_get_sigterm)
+    cfg = tiny_config(corpus_dir, cache, steps=6)
+    cfg.checkpoint.every_steps = 2
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.run(cfg, tmp_path)
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+    assert max(_losses(tmp_path)) == 2
+
+
 def test_logged_step_times_leave_out_checkpoint_saves_and_the_schedules_compilation(uninterrupted, corpus_dir, tmp_path, monkeypatch):
     """Every logged interval is steps only: a checkpoint save made slow by a second, and the
     learning-rate schedule's first call (0.3 s of compiling), fall between intervals."""
