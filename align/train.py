@@ -113,7 +113,7 @@ def task_accuracy(cfg, model_config, tokenizer, policy_params) -> dict[str, floa
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.Result:
-    sharding.initialize_distributed()
+    loop.begin_run()
     is_primary = jax.process_index() == 0
     start = source.resolve(cfg)
     model_config = start.model_config

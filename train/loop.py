@@ -27,6 +27,7 @@ import optax
 from etils import epath
 from jax.experimental import multihost_utils
 
+from model import sharding
 from train import workdir as workdir_lib
 from train.checkpoint import Checkpointer
 from train.metrics import MetricsWriter, Progress, peak_flops_per_device
@@ -45,13 +46,23 @@ class NonFiniteError(RuntimeError):
 
 
 # Whether the other processes of a multi-process job may be waiting for this one in a
-# collective: until a run's loop has passed its last one. A process that fails then must end at
-# once (`train.cli`); after it, its error ends it alone, and the others exit as they would.
+# collective: from the start of a run (`begin_run`) until its loop has passed its last one. A
+# process that fails then must end at once (`train.cli`); after it, its error ends it alone,
+# and the others exit as they would.
 _may_be_awaited = True
 
 
 def may_be_awaited() -> bool:
     return _may_be_awaited
+
+
+def begin_run() -> None:
+    """What every training entry point does first: join the multi-host job, if there is one
+    (once per program), and mark the start of a run's collectives, also the second stage's of
+    a driver that runs several."""
+    global _may_be_awaited
+    _may_be_awaited = True
+    sharding.initialize_distributed()
 
 
 @dataclasses.dataclass
@@ -92,7 +103,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: epath.Path, mesh, job: Job) -> 
     (SystemExit), so that nothing after it (sampling, a driver's next stage) starts while the
     job is being stopped."""
     global _may_be_awaited
-    _may_be_awaited = True
     is_primary = jax.process_index() == 0
     steps = cfg.train.steps
     checkpointer = Checkpointer(

@@ -62,7 +62,7 @@ def evaluate(eval_step, params, corpus, cfg, mesh) -> dict[str, float]:
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
     """Train as configured; returns the final evaluation metrics."""
-    sharding.initialize_distributed()
+    loop.begin_run()
     is_primary = jax.process_index() == 0
     imported = None
     if cfg.init.from_hf:

@@ -18,6 +18,7 @@ import model
 from data import pipeline
 from tests.train.tiny_experiment import STEPS, tiny_config, write_tiny_corpus
 from train import config as config_lib
+from train import loop
 from train import pretrain
 from train.checkpoint import Checkpointer
 
@@ -197,6 +198,25 @@ def test_sigterm_during_a_checkpoint_save_stops_after_it(uninterrupted, corpus_d
     assert exit_info.value.code == 128 + signal.SIGTERM
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
     assert max(_losses(tmp_path)) == 2
+
+
+def test_a_run_counts_as_awaited_by_other_processes_until_its_loop_ends(uninterrupted, corpus_dir, tmp_path, monkeypatch):
+    """`train.cli` ends a failing process of a multi-process job at once only while the others
+    may wait for it: after a run's loop, and from the start of the next run in the same
+    program (a driver's next stage)."""
+    _, cache, _ = uninterrupted
+    pretrain.run(tiny_config(corpus_dir, cache, steps=6), tmp_path / "first")
+    assert not loop.may_be_awaited()
+    seen = []
+
+    def record_and_fail(*args, **kwargs):
+        seen.append(loop.may_be_awaited())
+        raise RuntimeError("the next stage fails while compiling")
+
+    monkeypatch.setattr(pretrain, "compile_steps", record_and_fail)
+    with pytest.raises(RuntimeError):
+        pretrain.run(tiny_config(corpus_dir, cache, steps=6), tmp_path / "second")
+    assert seen == [True]
 
 
 def test_logged_step_times_leave_out_checkpoint_saves_and_the_schedules_compilation(uninterrupted, corpus_dir, tmp_path, monkeypatch):
