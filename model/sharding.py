@@ -93,6 +93,13 @@ def host_values(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def max_over_processes(value: int) -> int:
+    """The largest of every process's `value`; with several processes, every one must call it."""
+    if jax.process_count() == 1:
+        return value
+    return int(multihost_utils.process_allgather(np.int32(value)).max())
+
+
 def make_mesh(
     shape: dict[str, int] | Sequence[int] = (-1, 1, 1),
     devices: Sequence[jax.Device] | None = None,

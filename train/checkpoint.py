@@ -8,12 +8,11 @@ import sys
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.experimental import multihost_utils
 
 from data.packing import DataChanged
+from model import sharding
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +64,6 @@ def _join_restore_barrier() -> None:
     restore would pair that barrier with this process's next collective."""
     if jax.process_count() > 1:
         ocp.multihost.sync_global_processes("_Checkpointer:restore")
-
-
-def _worst_of_all_processes(outcome: int) -> int:
-    if jax.process_count() == 1:
-        return outcome
-    return int(multihost_utils.process_allgather(np.int32(outcome)).max())
 
 
 class Checkpointer:
@@ -126,7 +119,7 @@ class Checkpointer:
                 )
                 outcome = _UNREADABLE
                 _join_restore_barrier()
-            worst = _worst_of_all_processes(outcome)
+            worst = sharding.max_over_processes(outcome)
             if worst == _DATA_CHANGED:
                 raise data_changed or DataChanged(
                     f"{self.directory}/{step}: another process found its data changed (see its error)"

@@ -25,7 +25,6 @@ import ml_collections
 import numpy as np
 import optax
 from etils import epath
-from jax.experimental import multihost_utils
 
 from model import sharding
 from train import workdir as workdir_lib
@@ -275,9 +274,7 @@ class _Preemption:
     def agreed_now(self) -> bool:
         """Whether any process has received SIGTERM, agreed by waiting for every process: for
         the end of the run, where every process stops anyway."""
-        if jax.process_count() == 1:
-            return self.received.is_set()
-        self._agreed = self._agreed or bool(multihost_utils.process_allgather(np.int32(self.received.is_set())).max())
+        self._agreed = self._agreed or bool(sharding.max_over_processes(self.received.is_set()))
         return self._agreed
 
 
