@@ -158,8 +158,6 @@ def _lock(workdir: epath.Path) -> None:
             f"{workdir} is in use by process {holder.get('pid')} on {holder.get('host')} "
             f"({path}); if no run is active there, delete that file"
         )
-    if not _held:
-        atexit.register(release_held)
     _held.add(workdir)
 
 
@@ -219,3 +217,6 @@ def release_held() -> None:
     which skips the exit handlers."""
     for workdir in list(_held):
         release(workdir)
+
+
+atexit.register(release_held)
