@@ -37,12 +37,15 @@ def config_file(tmp_path_factory):
         class Failing(grain.DatasetIterator):
             def __init__(self, batches, at):
                 super().__init__()
-                self.batches, self.at, self.count = batches, at, 0
-                self.__next__() if at == 0 else None
+                self.batches, self.left = batches, at
+                if at == 0:
+                    self.fail()
+            def fail(self):
+                raise OSError(f"a read error on process {{os.environ['JAX_PROCESS_ID']}}")
             def __next__(self):
-                self.count += 1
-                if self.count == max(self.at, 1):
-                    raise OSError(f"a read error on process {{os.environ['JAX_PROCESS_ID']}}")
+                self.left -= 1
+                if self.left == 0:
+                    self.fail()
                 return next(self.batches)
             def get_state(self):
                 return self.batches.get_state()
