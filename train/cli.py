@@ -8,11 +8,14 @@ exit status 1; an exception raised anywhere else is a bug and keeps its tracebac
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import pathlib
 import signal
 import sys
+import threading
+import time
 import traceback
 from typing import Callable
 
@@ -69,10 +72,13 @@ def _awaited_by_other_processes() -> bool:
     return in_a_job and (loop is None or loop.may_be_awaited())
 
 
-def _exit_now(error: BaseException) -> None:
+def _exit_now(error: BaseException, announce: bool = True) -> None:
     """Report the error and end this process without jax's shutdown barrier, where it would wait
-    5 minutes for the other processes while they wait for it in their next collective. Once it
-    is gone, theirs fail (a lost peer, or its heartbeat missed) and they end too."""
+    5 minutes for the other processes while they wait for it in their next collective. The
+    error is announced to them (`watch_other_processes`), so they end at once too; `announce`
+    is False for the error of another process, which is acknowledged instead."""
+    global _failing
+    _failing = True
     if isinstance(error, SystemExit):
         print(error.code, file=sys.stderr)
     else:
@@ -82,7 +88,104 @@ def _exit_now(error: BaseException) -> None:
     workdir_lib.release_held()  # os._exit runs no exit handlers
     sys.stdout.flush()
     sys.stderr.flush()
+    if announce:
+        _announce_failure(
+            str(error.code).removeprefix("error: ") if isinstance(error, SystemExit)
+            else f"{type(error).__name__}: {_message(error)}"
+        )
+    else:
+        _try_to_set(_job_client(), _failure_key(sys.modules["jax"].process_index()) + "/read", "")
     os._exit(1)
+
+
+# Whether this process watches for the other processes' failures, or is failing itself.
+_watching = False
+_failing = False
+
+
+def watch_other_processes() -> None:
+    """In a multi-process job, end this process with the error of another that failed while it
+    may wait for it (`_exit_now`). Without it, a process waiting in a collective for one that is
+    gone is held until the coordinator misses that one's heartbeats (100 s), then aborts with a
+    core dump and not a word of why. Started once per program, by `train.loop.begin_run`.
+
+    Each process waits on a key of its own in the job's key-value store (jax's coordination
+    service): a failing process writes its error there, and at a normal exit the process
+    writes an empty value itself, so the waiting thread returns before jax shuts the client
+    down (a thread still inside the client's call then aborts the process)."""
+    global _watching
+    jax = sys.modules["jax"]
+    if _watching or not jax.distributed.is_initialized():
+        return
+    _watching = True
+    client, key = _job_client(), _failure_key(jax.process_index())
+
+    def watch():
+        while True:
+            try:
+                error = client.blocking_key_value_get(key, 600_000)
+            except Exception as timeout:  # noqa: BLE001 - jax raises its runtime error
+                if "DEADLINE_EXCEEDED" in str(timeout):
+                    continue
+                return  # the coordinator is gone: jax reports that itself
+            if error and not _failing:
+                _exit_now(SystemExit(f"error: {error}"), announce=False)
+            return
+
+    watcher = threading.Thread(target=watch, name="watch_other_processes", daemon=True)
+    watcher.start()
+
+    def stop_watching():  # registered after jax's clean-up (at its import), so run before it
+        _try_to_set(client, key, "")
+        watcher.join(timeout=10)
+
+    atexit.register(stop_watching)
+
+
+def _announce_failure(error: str) -> None:
+    """Leave `error` for every other process. The process that runs jax's coordination service
+    (process 0) then waits, 10 s at most, until each has read it, and a second more for them to
+    exit: the service ends with it, and a process that loses it first ends with jax's "detected
+    fatal errors" and gRPC's "Socket closed" as its last words."""
+    jax = sys.modules["jax"]
+    client, others = _job_client(), [p for p in range(jax.process_count()) if p != jax.process_index()]
+    for process in others:
+        _try_to_set(client, _failure_key(process), f"process {jax.process_index()} failed: {error}")
+    if _runs_the_coordination_service():
+        deadline = time.monotonic() + 10
+        for process in others:
+            milliseconds_left = max(1, int(1000 * (deadline - time.monotonic())))
+            try:
+                client.blocking_key_value_get(_failure_key(process) + "/read", milliseconds_left)
+            except Exception:  # noqa: BLE001 - jax raises its runtime error
+                return
+        time.sleep(1)
+
+
+def _try_to_set(client, key: str, value: str) -> None:
+    """Set `key`, unless another process's error (or its own exit) set it first, or the
+    coordinator is gone: the process that tries is on its way out either way."""
+    try:
+        client.key_value_set(key, value)
+    except Exception:  # noqa: BLE001 - jax raises its runtime error
+        pass
+
+
+def _failure_key(process: int) -> str:
+    return f"lmx/failure_of_another_process/{process}"
+
+
+def _job_client():
+    """The client of the job's coordination service, which orbax's multi-host barriers use too."""
+    from jax._src import distributed
+
+    return distributed.global_state.client
+
+
+def _runs_the_coordination_service() -> bool:
+    from jax._src import distributed
+
+    return distributed.global_state.service is not None
 
 
 def _config_error(error: BaseException, argv: list[str]) -> str:

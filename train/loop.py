@@ -27,7 +27,7 @@ import optax
 from etils import epath
 
 from model import sharding
-from train import workdir as workdir_lib
+from train import cli, workdir as workdir_lib
 from train.checkpoint import Checkpointer
 from train.metrics import MetricsWriter, Progress, peak_flops_per_device
 from train.optimizer import applied_learning_rate
@@ -57,11 +57,12 @@ def may_be_awaited() -> bool:
 
 def begin_run() -> None:
     """What every training entry point does first: join the multi-host job, if there is one
-    (once per program), and mark the start of a run's collectives, also the second stage's of
-    a driver that runs several."""
+    (once per program), watch for a failure of its other processes, and mark the start of a
+    run's collectives, also the second stage's of a driver that runs several."""
     global _may_be_awaited
     _may_be_awaited = True
     sharding.initialize_distributed()
+    cli.watch_other_processes()
 
 
 @dataclasses.dataclass

@@ -142,20 +142,18 @@ def test_a_stop_an_unreadable_checkpoint_or_a_late_failure_on_one_process(config
 
 
 @pytest.mark.parametrize("process, batch", [(1, 15), (0, 0)])
-def test_a_process_that_fails_alone_exits_at_once(config_file, tmp_path, process, batch):
-    """Not after jax's 5-minute shutdown barrier, waiting for a process that waits for it; and
-    process 0, failing before training, leaves no lock on the workdir (exit handlers do not
+def test_a_process_that_fails_alone_ends_both_at_once_with_its_error(config_file, tmp_path, process, batch):
+    """Not after jax's 5-minute shutdown barrier, waiting for a process that waits for it, nor
+    the other after the coordinator's 100-second heartbeat timeout, aborted without a word of
+    why; and process 0, failing or not, leaves no lock on the workdir (exit handlers do not
     run)."""
     processes = launch_two(config_file, tmp_path / "run", FAIL_AT=f"{process}:{batch}")
-    try:
-        output = processes[process].communicate(timeout=120)[0]
-    finally:
-        for p in processes:
-            p.kill()
-    assert processes[process].returncode == 1, output
-    assert output.strip().splitlines()[-1] == f"OSError: a read error on process {process}", output
-    if process == 0:  # the lock holder
-        assert not (tmp_path / "run" / "run.lock").exists()
+    outputs = outputs_of(processes, timeout=60)
+    error = f"OSError: a read error on process {process}"
+    assert [p.returncode for p in processes] == [1, 1], outputs
+    assert outputs[process].strip().splitlines()[-1] == error, outputs[process]
+    assert outputs[1 - process].strip().splitlines()[-1] == f"error: process {process} failed: {error}", outputs
+    assert not (tmp_path / "run" / "run.lock").exists()
 
 
 def test_a_sigterm_during_the_samples_stops_both_processes(config_file, tmp_path):
