@@ -76,31 +76,36 @@ def _exit_now(error: BaseException, announce: bool = True) -> None:
     """Report the error and end this process without jax's shutdown barrier, where it would wait
     5 minutes for the other processes while they wait for it in their next collective. The
     error is announced to them (`watch_other_processes`), so they end at once too; `announce`
-    is False for the error of another process, which is acknowledged instead."""
-    global _failing
-    _failing = True
+    is False for the error of another process. Nothing is printed after the error, and only
+    the first caller reports: a second thread that gets here waits for the process's end."""
+    if not _exiting.acquire(blocking=False):
+        threading.Event().wait()
+    sys.stdout.flush()  # what was printed before the error comes before it
     if isinstance(error, SystemExit):
         print(error.code, file=sys.stderr)
     else:
         traceback.print_exception(error)
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (1, 2):  # the main thread's step lines, jax's log of the job's end
+        os.dup2(devnull, stream)
     from train import workdir as workdir_lib  # imported by every program that gets here
 
     workdir_lib.release_held()  # os._exit runs no exit handlers
-    sys.stdout.flush()
-    sys.stderr.flush()
     if announce:
-        _announce_failure(
-            str(error.code).removeprefix("error: ") if isinstance(error, SystemExit)
-            else f"{type(error).__name__}: {_message(error)}"
-        )
-    else:
-        _try_to_set(_job_client(), _failure_key(sys.modules["jax"].process_index()) + "/read", "")
+        _announce_failure(_summary(error))
+    _leave_the_job()
     os._exit(1)
 
 
-# Whether this process watches for the other processes' failures, or is failing itself.
+def _summary(error: BaseException) -> str:
+    if isinstance(error, SystemExit):
+        return error.code.removeprefix("error: ") if isinstance(error.code, str) else f"exit status {error.code}"
+    return ": ".join(filter(None, [type(error).__name__, _message(error)]))
+
+
+_exiting = threading.Lock()  # held by the thread in `_exit_now`
 _watching = False
-_failing = False
 
 
 def watch_other_processes() -> None:
@@ -128,7 +133,7 @@ def watch_other_processes() -> None:
                 if "DEADLINE_EXCEEDED" in str(timeout):
                     continue
                 return  # the coordinator is gone: jax reports that itself
-            if error and not _failing:
+            if error:
                 _exit_now(SystemExit(f"error: {error}"), announce=False)
             return
 
@@ -137,29 +142,40 @@ def watch_other_processes() -> None:
 
     def stop_watching():  # registered after jax's clean-up (at its import), so run before it
         _try_to_set(client, key, "")
+        _try_to_set(client, _left_key(jax.process_index()), "")
         watcher.join(timeout=10)
 
     atexit.register(stop_watching)
 
 
 def _announce_failure(error: str) -> None:
-    """Leave `error` for every other process. The process that runs jax's coordination service
-    (process 0) then waits, 10 s at most, until each has read it, and a second more for them to
-    exit: the service ends with it, and a process that loses it first ends with jax's "detected
-    fatal errors" and gRPC's "Socket closed" as its last words."""
+    """Leave `error` for every other process, process 0's last: it runs the coordination
+    service and may end at once (`_leave_the_job`)."""
     jax = sys.modules["jax"]
-    client, others = _job_client(), [p for p in range(jax.process_count()) if p != jax.process_index()]
-    for process in others:
-        _try_to_set(client, _failure_key(process), f"process {jax.process_index()} failed: {error}")
-    if _runs_the_coordination_service():
-        deadline = time.monotonic() + 10
-        for process in others:
-            milliseconds_left = max(1, int(1000 * (deadline - time.monotonic())))
-            try:
-                client.blocking_key_value_get(_failure_key(process) + "/read", milliseconds_left)
-            except Exception:  # noqa: BLE001 - jax raises its runtime error
-                return
-        time.sleep(1)
+    client = _job_client()
+    for process in reversed(range(jax.process_count())):
+        if process != jax.process_index():
+            _try_to_set(client, _failure_key(process), f"process {jax.process_index()} failed: {error}")
+
+
+def _leave_the_job() -> None:
+    """Say that this process is leaving. The process that runs jax's coordination service
+    (process 0) first waits, 10 s at most, until every other one has said so, and a second
+    more for them to exit: the service ends with it, and a process still in the job then ends
+    with jax's "detected fatal errors" and a core dump instead."""
+    jax = sys.modules["jax"]
+    client = _job_client()
+    _try_to_set(client, _left_key(jax.process_index()), "")
+    if not _runs_the_coordination_service():
+        return
+    deadline = time.monotonic() + 10
+    for process in range(1, jax.process_count()):
+        milliseconds_left = max(1, int(1000 * (deadline - time.monotonic())))
+        try:
+            client.blocking_key_value_get(_left_key(process), milliseconds_left)
+        except Exception:  # noqa: BLE001 - jax raises its runtime error
+            return
+    time.sleep(1)
 
 
 def _try_to_set(client, key: str, value: str) -> None:
@@ -173,6 +189,10 @@ def _try_to_set(client, key: str, value: str) -> None:
 
 def _failure_key(process: int) -> str:
     return f"lmx/failure_of_another_process/{process}"
+
+
+def _left_key(process: int) -> str:
+    return f"lmx/left_the_job/{process}"
 
 
 def _job_client():
