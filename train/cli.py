@@ -149,8 +149,9 @@ def watch_other_processes() -> None:
 
 
 def _announce_failure(error: str) -> None:
-    """Leave `error` for every other process, process 0's last: it runs the coordination
-    service and may end at once (`_leave_the_job`)."""
+    """Leave `error` for every other process, process 0's last: the others are told first, and
+    process 0, whose end ends the coordination service, then waits for them to leave
+    (`_leave_the_job`)."""
     jax = sys.modules["jax"]
     client = _job_client()
     for process in reversed(range(jax.process_count())):

@@ -162,4 +162,3 @@ def test_a_sigterm_during_the_samples_stops_both_processes(config_file, tmp_path
     outputs = outputs_of(processes, timeout=120)
     assert [p.returncode for p in processes] == [128 + signal.SIGTERM] * 2, outputs
     assert all("SIGTERM: saved the checkpoint at step 12" in output for output in outputs), outputs
-
