@@ -56,7 +56,7 @@ def _method_step(cfg, config, mesh, loss_fn_builder):
 
 def main(argv):
     del argv
-    refuse_flags("compile_only", "loss_chunk", "mesh", "microbatches", "documents_per_row")
+    refuse_flags("compile_only", "loss_chunk", "mesh", "microbatches", "documents_per_row", "profile_dir")
     preset = model.get_config(FLAGS.preset)
     config = preset.replace(
         dtype=FLAGS.dtype, remat=FLAGS.remat, scan_layers=FLAGS.scan_layers, attention=FLAGS.attention,

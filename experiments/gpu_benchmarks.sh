@@ -8,7 +8,8 @@
 # peers       experiments.peers against nanoGPT (its model.py in NANOGPT_DIR), eager and compiled
 # generation  experiments.generation_peers against Hugging Face `generate`, bfloat16
 #
-# With no section named, all four run in that order. `peers` needs torch, and `generation`
+# With no section named, all four run in that order. With PROFILE_DIR set, `step` also writes
+# a trace of each kernel's steps under PROFILE_DIR/KERNEL (train.benchmark --profile_dir). `peers` needs torch, and `generation`
 # torch and transformers for its comparison (without them it times this side alone). PYTHON
 # names the interpreter (default python3), which needs jax with CUDA, flax, optax, absl, etils
 # and ml-collections (what these four sections import), not the whole project install.
@@ -34,7 +35,7 @@ for section in $sections; do
     step)
       for attention in pallas_gpu cudnn_gpu xla; do
         "$python" -m train.benchmark --preset=gpt2-124m --batch_size=32 --seq_len=1024 \
-          --dtype=bfloat16 --attention=$attention
+          --dtype=bfloat16 --attention=$attention ${PROFILE_DIR:+--profile_dir="$PROFILE_DIR/$attention"}
       done ;;
     peers)
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 "$python" -m experiments.peers --nanogpt="$nanogpt" \

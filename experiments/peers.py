@@ -131,7 +131,7 @@ def nanogpt(directory: str, batch_size: int, seq_len: int, steps: int, compiled:
 
 def main(argv):
     del argv
-    refuse_flags("preset", "remat", "loss_chunk", "mesh", "microbatches", "compile_only", "documents_per_row")
+    refuse_flags("preset", "remat", "loss_chunk", "mesh", "microbatches", "compile_only", "documents_per_row", "profile_dir")
     B, T, steps = FLAGS.batch_size, FLAGS.seq_len, FLAGS.steps
     rows = [(f"lmx ({model.attention.resolve(FLAGS.attention, T)})", ours(B, T, steps))]
     rows.append(("nanoGPT eager", nanogpt(_NANOGPT.value, B, T, steps, compiled=False)))

@@ -43,6 +43,11 @@ _MICRO = flags.DEFINE_integer("microbatches", 1, "Gradient-accumulation micro-ba
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after two warm-up steps).")
 _DOCS = flags.DEFINE_integer("documents_per_row", 1, "Packed documents per row (segment ids).")
 _MESH = flags.DEFINE_list("mesh", ["-1", "1", "1"], "data,fsdp,tensor sizes (-1: the rest).")
+_PROFILE_DIR = flags.DEFINE_string(
+    "profile_dir", "", "After the timed steps, write a jax.profiler trace of PROFILED_STEPS more "
+    "steps here (TensorBoard's profile tab or Perfetto read it)."
+)
+PROFILED_STEPS = 3
 
 for _flag in (_BATCH, _SEQ, _MICRO, _STEPS, _DOCS):
     flags.register_validator(_flag.name, lambda value: value >= 1, message="must be at least 1")
@@ -50,6 +55,11 @@ flags.register_multi_flags_validator(
     ["batch_size", "microbatches"],
     lambda f: f["batch_size"] % f["microbatches"] == 0,
     message="--batch_size must be a multiple of --microbatches",
+)
+flags.register_multi_flags_validator(
+    ["compile_only", "profile_dir"],
+    lambda f: not (f["compile_only"] and f["profile_dir"]),
+    message="--profile_dir traces steps, and --compile_only runs none",
 )
 flags.register_multi_flags_validator(
     ["seq_len", "documents_per_row"],
@@ -109,14 +119,14 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, documents_pe
     }
 
 
-def time_steps(step, state, batch, steps: int):
+def time_steps(step, state, batch, steps: int, profile_dir: str = ""):
     """(compile seconds, per-step seconds, the compiled step's memory analysis) of a compiled
     update: two warm-up steps, then `steps` timed ones, run as training runs them
-    (`pipelined_intervals`)."""
-    return time_interleaved([(step, state, batch)], steps)[0]
+    (`pipelined_intervals`); with `profile_dir`, then a trace of PROFILED_STEPS more there."""
+    return time_interleaved([(step, state, batch)], steps, profile_dir)[0]
 
 
-def time_interleaved(updates, steps: int):
+def time_interleaved(updates, steps: int, profile_dir: str = ""):
     """`time_steps` of several (step, state, batch) updates at once. After each one's compile
     and warm-up they take turns, so that drift in the machine's speed falls on all of them
     alike (back-to-back runs on the 2-core CPU differ by up to 30%): two steps each per round,
@@ -141,6 +151,12 @@ def time_interleaved(updates, steps: int):
                 return metrics
 
             run["times"] += pipelined_intervals(dispatch, jax.block_until_ready, per_round)
+    if profile_dir:
+        with jax.profiler.trace(profile_dir):
+            for run in runs:
+                for _ in range(PROFILED_STEPS):
+                    run["state"], metrics = run["compiled"](run["state"], run["batch"])
+                jax.block_until_ready(metrics)
     return [(run["compile_s"], run["times"], run["compiled"].memory_analysis()) for run in runs]
 
 
@@ -194,7 +210,7 @@ def main(argv):
         return
     with jax.set_mesh(mesh):
         state = create_state(config, optimizer, mesh, seed=0)
-        compile_s, times, compiled_memory = time_steps(train_step, state, batch, _STEPS.value)
+        compile_s, times, compiled_memory = time_steps(train_step, state, batch, _STEPS.value, _PROFILE_DIR.value)
 
     step_time = statistics.median(times)
     tokens = _BATCH.value * _SEQ.value
@@ -216,6 +232,8 @@ def main(argv):
     print(f"MFU                {achieved / (peak * jax.device_count()):.1%}" if peak else "MFU                n/a (no peak FLOP/s known for this device)")
     print(f"peak memory        {memory / 2**30:.2f} GiB" if memory else "peak memory        n/a (not reported by this backend)")
     print_memory(compiled_memory)
+    if _PROFILE_DIR.value:
+        print(f"profile            {PROFILED_STEPS} steps traced under {_PROFILE_DIR.value}")
 
 
 def print_memory(analysis) -> None:

@@ -1,6 +1,10 @@
 """The benchmark refuses settings it cannot run, with one line naming the flags, before timing;
-the scripts built on its flags load beside it; it times steps as training runs them."""
+the scripts built on its flags load beside it; it times steps as training runs them, and
+traces more of them when asked."""
 
+import collections
+import gzip
+import json
 import os
 import pathlib
 import subprocess
@@ -17,6 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
         (["--batch_size=3", "--microbatches=2"], "--batch_size must be a multiple of --microbatches"),
         (["--steps=0"], "flag --steps=0: must be at least 1"),
         (["--seq_len=8", "--documents_per_row=9"], "--documents_per_row must be at most --seq_len"),
+        (["--compile_only", "--profile_dir=/tmp/unused"], "--profile_dir traces steps, and --compile_only runs none"),
         (
             ["--batch_size=1", "--seq_len=65536", "--attention=xla"],  # the dense scores: 64 GiB per layer
             "GiB per device and the device has",
@@ -95,3 +100,19 @@ def test_timed_steps_are_each_queued_before_the_one_ahead_is_waited_for():
     order = [("dispatch", 0), ("dispatch", 1), ("wait", 0), ("dispatch", 2), ("wait", 1), ("dispatch", 3),
              ("wait", 2), ("wait", 3)]
     assert result.stdout.strip() == f"3 True {order}"
+
+
+def test_profile_dir_holds_a_trace_of_the_steps_after_the_timed_ones(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    result = subprocess.run(
+        [sys.executable, "-m", "train.benchmark", "--preset=llama-tiny", "--dtype=float32", "--batch_size=2",
+         "--seq_len=32", "--steps=2", f"--profile_dir={tmp_path}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == f"profile            3 steps traced under {tmp_path}"
+    (trace,) = tmp_path.glob("plugins/profile/*/*.trace.json.gz")
+    assert len(list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))) == 1  # what TensorBoard reads
+    events = collections.Counter(e["name"] for e in json.load(gzip.open(trace))["traceEvents"] if e.get("ph") == "X")
+    assert events["PjitFunction(jit(train_step))"] > 0  # the step is what was traced
+    assert events["CommonPjRtLoadedExecutable::ExecuteHelperOnSingleDevice"] == 3  # and it ran 3 times
