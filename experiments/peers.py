@@ -7,11 +7,12 @@ heads, width 384, vocabulary 65; about 10.7M parameters) unless --n_layer, --n_h
 and --vocab_size say otherwise.
 DIR holds nanoGPT's `model.py` (github.com/karpathy/nanoGPT; it is not part of this project).
 Both sides run AdamW on random tokens on one device, the default one (CPU here: both use every
-core; torch takes CUDA when it has it, with its fused AdamW), two warm-up steps, then `--steps`
-timed ones; the medians are printed. Steps are dispatched back to back as a training loop runs
-them (`train.benchmark.pipelined_intervals`: each step is queued before the one ahead of it is
-waited for), except eager torch on the CPU, which runs each step to its end as it is called:
-those calls are timed one by one. Weights and optimizer state are float32 (on a GPU both sides
+core; torch takes CUDA when it has it, with its fused AdamW), two warm-up steps each, then
+`--steps` rounds in which the sides time one step each in turn, so that drift in the machine's
+speed (up to 30% between runs on the 2-core CPU) falls on all of them alike; the medians are
+printed. A step is timed as a training loop runs it (`train.benchmark.pipelined_intervals`:
+from the completion of the step before it, which it was queued behind), except eager torch
+on the CPU, which runs a step to its end as it is called: that call is timed. Weights and optimizer state are float32 (on a GPU both sides
 run float32 matmuls as TF32, as nanoGPT's train.py sets torch to); `--dtype=bfloat16`
 computes in bfloat16 (nanoGPT under `torch.autocast`, as its train.py does). nanoGPT runs eager
 and, with `--torch_compile`, under `torch.compile`. Needs the `test` extra (torch). On a GPU JAX
@@ -27,7 +28,7 @@ import contextlib
 import importlib.util
 import pathlib
 import statistics
-import timeit
+import time
 
 import jax
 import ml_collections
@@ -35,7 +36,7 @@ from absl import flags
 
 import model
 from model import sharding
-from train.benchmark import pipelined_intervals, refuse_flags, synthetic_batch, time_steps  # also defines the shared flags
+from train.benchmark import check_fits, pipelined_intervals, refuse_flags, synthetic_batch  # also defines the shared flags
 from train.cli import run_program
 from train.metrics import peak_flops_per_device
 from train.optimizer import make_optimizer
@@ -70,7 +71,8 @@ def _config() -> model.ModelConfig:
     )
 
 
-def ours(batch_size: int, seq_len: int, steps: int) -> float:
+def ours(batch_size: int, seq_len: int):
+    """This codebase's step, compiled and warmed up: a function timing one more step."""
     config = _config()
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1], model_config=config)  # nanoGPT's one device
     optimizer = make_optimizer(ml_collections.ConfigDict(_OPTIMIZER), total_steps=1000)
@@ -78,11 +80,22 @@ def ours(batch_size: int, seq_len: int, steps: int) -> float:
     batch = synthetic_batch(batch_size, seq_len, config.vocab_size, 1)
     with jax.set_mesh(mesh):
         state = create_state(config, optimizer, mesh, seed=0)
-        _, times, _ = time_steps(train_step, state, batch, steps)
-    return statistics.median(times)
+        compiled = train_step.lower(state, batch).compile()
+    check_fits(compiled)
+    batch = jax.device_put(batch, compiled.input_shardings[0][1])
+    held = [state]
+
+    def dispatch():
+        held[0], metrics = compiled(held[0], batch)
+        return metrics
+
+    for _ in range(2):
+        jax.block_until_ready(dispatch())
+    return lambda: pipelined_intervals(dispatch, jax.block_until_ready, 1)[0]
 
 
-def nanogpt(directory: str, batch_size: int, seq_len: int, steps: int, compiled: bool) -> float:
+def nanogpt(directory: str, batch_size: int, seq_len: int, compiled: bool):
+    """nanoGPT's step, warmed up: a function timing one more step."""
     import torch
 
     spec = importlib.util.spec_from_file_location("nanogpt_model", pathlib.Path(directory) / "model.py")
@@ -122,21 +135,38 @@ def nanogpt(directory: str, batch_size: int, seq_len: int, steps: int, compiled:
     for _ in range(2):
         wait(step())
     if device == "cuda":
-        return statistics.median(pipelined_intervals(step, wait, steps))
-    # Eager torch on the CPU runs each step to its end inside step(): timed call by call (queued
-    # behind each other, the last interval would be the empty wait after the last step), with
-    # garbage collection left on, as in training.
-    return statistics.median(timeit.repeat(step, setup="import gc; gc.enable()", number=1, repeat=steps))
+        return lambda: pipelined_intervals(step, wait, 1)[0]
+    # Eager torch on the CPU runs a step to its end inside step(): the call is timed.
+    return lambda: _seconds(step)
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved_medians(timers: list, steps: int) -> list[float]:
+    """The median of `steps` timed steps of each side, taken in turns (one step of each per
+    round), so that drift in the machine's speed falls on every side alike."""
+    times = [[] for _ in timers]
+    for _ in range(steps):
+        for timer, side in zip(timers, times):
+            side.append(timer())
+    return [statistics.median(side) for side in times]
 
 
 def main(argv):
     del argv
     refuse_flags("preset", "remat", "loss_chunk", "mesh", "microbatches", "compile_only", "documents_per_row", "profile_dir")
     B, T, steps = FLAGS.batch_size, FLAGS.seq_len, FLAGS.steps
-    rows = [(f"lmx ({model.attention.resolve(FLAGS.attention, T)})", ours(B, T, steps))]
-    rows.append(("nanoGPT eager", nanogpt(_NANOGPT.value, B, T, steps, compiled=False)))
+    sides = {
+        f"lmx ({model.attention.resolve(FLAGS.attention, T)})": ours(B, T),
+        "nanoGPT eager": nanogpt(_NANOGPT.value, B, T, compiled=False),
+    }
     if _TORCH_COMPILE.value:
-        rows.append(("nanoGPT torch.compile", nanogpt(_NANOGPT.value, B, T, steps, compiled=True)))
+        sides["nanoGPT torch.compile"] = nanogpt(_NANOGPT.value, B, T, compiled=True)
+    rows = list(zip(sides, interleaved_medians(list(sides.values()), steps)))
     shape = f"{_LAYERS.value} layers, {_HEADS.value} heads, width {_WIDTH.value}, vocabulary {_vocab_size()}"
     flops = model.flops_per_token(_config(), T)["total"]
     peak = peak_flops_per_device()

@@ -116,3 +116,22 @@ def test_profile_dir_holds_a_trace_of_the_steps_after_the_timed_ones(tmp_path):
     events = collections.Counter(e["name"] for e in json.load(gzip.open(trace))["traceEvents"] if e.get("ph") == "X")
     assert events["PjitFunction(jit(train_step))"] > 0  # the step is what was traced
     assert events["CommonPjRtLoadedExecutable::ExecuteHelperOnSingleDevice"] == 3  # and it ran 3 times
+
+
+def test_peers_take_their_steps_in_turns():
+    """`experiments.peers` times one step of each side per round, and reports each side's median."""
+    script = (
+        "from experiments.peers import interleaved_medians\n"
+        "calls = []\n"
+        "def timer(name, seconds):\n"
+        "    def time_one():\n"
+        "        calls.append(name)\n"
+        "        return seconds[sum(c == name for c in calls) - 1]\n"
+        "    return time_one\n"
+        "medians = interleaved_medians([timer('a', [3, 1, 2]), timer('b', [9, 7, 8])], 3)\n"
+        "print(medians, ''.join(calls))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[2, 8] ababab"
