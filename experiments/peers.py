@@ -10,7 +10,7 @@ Both sides run AdamW on random tokens on one device, the default one (CPU here: 
 core; torch takes CUDA when it has it, with its fused AdamW), two warm-up steps each, then
 `--steps` rounds in which the sides time one step each in turn, so that drift in the machine's
 speed (up to 30% between runs on the 2-core CPU) falls on all of them alike; the medians are
-printed. A step is timed as a training loop runs it (`train.benchmark.pipelined_intervals`:
+printed. A step is timed as a training loop runs it (`train.timing.pipelined_intervals`:
 from the completion of the step before it, which it was queued behind), except eager torch
 on the CPU, which runs a step to its end as it is called: that call is timed. Weights and optimizer state are float32 (on a GPU both sides
 run float32 matmuls as TF32, as nanoGPT's train.py sets torch to); `--dtype=bfloat16`
@@ -28,7 +28,6 @@ import contextlib
 import importlib.util
 import pathlib
 import statistics
-import time
 
 import jax
 import ml_collections
@@ -36,12 +35,13 @@ from absl import flags
 
 import model
 from model import sharding
-from train.benchmark import check_fits, pipelined_intervals, refuse_flags, synthetic_batch  # also defines the shared flags
+from train.benchmark import check_fits, refuse_flags, synthetic_batch  # also defines the shared flags
 from train.cli import run_program
 from train.metrics import peak_flops_per_device
 from train.optimizer import make_optimizer
 from train.state import create_state
 from train.step import compile_steps
+from train.timing import call_timer, in_turns, pipelined_intervals
 
 _NANOGPT = flags.DEFINE_string("nanogpt", None, "Directory holding nanoGPT's model.py.", required=True)
 _TORCH_COMPILE = flags.DEFINE_bool("torch_compile", False, "Also time nanoGPT under torch.compile.")
@@ -137,23 +137,7 @@ def nanogpt(directory: str, batch_size: int, seq_len: int, compiled: bool):
     if device == "cuda":
         return lambda: pipelined_intervals(step, wait, 1)[0]
     # Eager torch on the CPU runs a step to its end inside step(): the call is timed.
-    return lambda: _seconds(step)
-
-
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def interleaved_medians(timers: list, steps: int) -> list[float]:
-    """The median of `steps` timed steps of each side, taken in turns (one step of each per
-    round), so that drift in the machine's speed falls on every side alike."""
-    times = [[] for _ in timers]
-    for _ in range(steps):
-        for timer, side in zip(timers, times):
-            side.append(timer())
-    return [statistics.median(side) for side in times]
+    return call_timer(step)
 
 
 def main(argv):
@@ -166,7 +150,7 @@ def main(argv):
     }
     if _TORCH_COMPILE.value:
         sides["nanoGPT torch.compile"] = nanogpt(_NANOGPT.value, B, T, compiled=True)
-    rows = list(zip(sides, interleaved_medians(list(sides.values()), steps)))
+    rows = [(name, statistics.median(times)) for name, times in zip(sides, in_turns(list(sides.values()), steps))]
     shape = f"{_LAYERS.value} layers, {_HEADS.value} heads, width {_WIDTH.value}, vocabulary {_vocab_size()}"
     flops = model.flops_per_token(_config(), T)["total"]
     peak = peak_flops_per_device()

@@ -25,6 +25,7 @@ from train.metrics import peak_flops_per_device
 from train.optimizer import make_optimizer
 from train.state import abstract_state, create_state
 from train.step import compile_steps
+from train.timing import pipelined_intervals
 
 _PRESET = flags.DEFINE_string("preset", "gpt2-124m", "Model preset (model.PRESETS).")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Global batch, in sequences.")
@@ -158,21 +159,6 @@ def time_interleaved(updates, steps: int, profile_dir: str = ""):
                     run["state"], metrics = run["compiled"](run["state"], run["batch"])
                 jax.block_until_ready(metrics)
     return [(run["compile_s"], run["times"], run["compiled"].memory_analysis()) for run in runs]
-
-
-def pipelined_intervals(dispatch, wait, n: int) -> list[float]:
-    """Seconds between the completions of n + 1 consecutive steps, each dispatched before the
-    one ahead of it is waited for: a training loop's pace (train/loop.py reads a step's
-    metrics after dispatching the next), host dispatch hidden behind device work as it is
-    there. `dispatch()` starts a step and returns what `wait` blocks on."""
-    pending = dispatch()
-    completions = []
-    for i in range(n + 1):
-        following = dispatch() if i < n else None
-        wait(pending)
-        completions.append(time.perf_counter())
-        pending = following
-    return np.diff(completions).tolist()
 
 
 def main(argv):

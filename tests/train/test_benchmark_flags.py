@@ -1,6 +1,5 @@
 """The benchmark refuses settings it cannot run, with one line naming the flags, before timing;
-the scripts built on its flags load beside it; it times steps as training runs them, and
-traces more of them when asked."""
+the scripts built on its flags load beside it; it traces steps after the timed ones when asked."""
 
 import collections
 import gzip
@@ -81,27 +80,6 @@ def test_cpu_devices_of_one_host_share_its_memory():
     assert result.stdout.split() == ["8", "True"], result.stderr
 
 
-def test_timed_steps_are_each_queued_before_the_one_ahead_is_waited_for():
-    """`pipelined_intervals` keeps one step in flight, as training does: the order of
-    dispatches and waits, and one interval per timed step. (A subprocess: train.benchmark's
-    flags would clash with other modules' in this process.)"""
-    script = (
-        "from train.benchmark import pipelined_intervals\n"
-        "events = []\n"
-        "def dispatch():\n"
-        "    events.append(('dispatch', sum(e[0] == 'dispatch' for e in events)))\n"
-        "    return events[-1][1]\n"
-        "times = pipelined_intervals(dispatch, lambda step: events.append(('wait', step)), 3)\n"
-        "print(len(times), all(t >= 0 for t in times), events)\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    order = [("dispatch", 0), ("dispatch", 1), ("wait", 0), ("dispatch", 2), ("wait", 1), ("dispatch", 3),
-             ("wait", 2), ("wait", 3)]
-    assert result.stdout.strip() == f"3 True {order}"
-
-
 def test_profile_dir_holds_a_trace_of_the_steps_after_the_timed_ones(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     result = subprocess.run(
@@ -117,21 +95,3 @@ def test_profile_dir_holds_a_trace_of_the_steps_after_the_timed_ones(tmp_path):
     assert events["PjitFunction(jit(train_step))"] > 0  # the step is what was traced
     assert events["CommonPjRtLoadedExecutable::ExecuteHelperOnSingleDevice"] == 3  # and it ran 3 times
 
-
-def test_peers_take_their_steps_in_turns():
-    """`experiments.peers` times one step of each side per round, and reports each side's median."""
-    script = (
-        "from experiments.peers import interleaved_medians\n"
-        "calls = []\n"
-        "def timer(name, seconds):\n"
-        "    def time_one():\n"
-        "        calls.append(name)\n"
-        "        return seconds[sum(c == name for c in calls) - 1]\n"
-        "    return time_one\n"
-        "medians = interleaved_medians([timer('a', [3, 1, 2]), timer('b', [9, 7, 8])], 3)\n"
-        "print(medians, ''.join(calls))\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "[2, 8] ababab"
