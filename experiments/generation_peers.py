@@ -46,7 +46,7 @@ _PEER = flags.DEFINE_bool("peer", True, "Also run Hugging Face generate.")
 def _after(untimed, timer):
     """`timer`, run after an untimed call of `untimed`. Our first call after a Hugging Face one
     runs slower on the CPU with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (batch 8, 64 new tokens:
-    84-105 against 61-64 ms a token; no slower without the tunable): a short call of ours first
+    83-105 against 60-64 ms a token; no slower without the tunable): a short call of ours first
     takes that, so each side is timed at the pace it keeps alone."""
     def measure() -> float:
         untimed()
@@ -115,6 +115,7 @@ def main(argv):
             f"{batch:>5} {new / ours_s:>11,.0f} {new / theirs_s[0]:>9,.0f} {theirs_s[0] / ours_s:>5.1f}x "
             f"{timings} {str(ours_tokens == their_tokens):>11}"
         )
+
 
 def _hf_generate(hf_model, prompts):
     import torch

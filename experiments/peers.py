@@ -12,11 +12,12 @@ core; torch takes CUDA when it has it, with its fused AdamW), two warm-up steps 
 speed (up to 30% between runs on the 2-core CPU) falls on all of them alike; the medians are
 printed. A step is timed as a training loop runs it (`train.timing.pipelined_intervals`:
 from the completion of the step before it, which it was queued behind), except eager torch
-on the CPU, which runs a step to its end as it is called: that call is timed. Weights and optimizer state are float32 (on a GPU both sides
-run float32 matmuls as TF32, as nanoGPT's train.py sets torch to); `--dtype=bfloat16`
-computes in bfloat16 (nanoGPT under `torch.autocast`, as its train.py does). nanoGPT runs eager
-and, with `--torch_compile`, under `torch.compile`. Needs the `test` extra (torch). On a GPU JAX
-must leave torch room: XLA_PYTHON_CLIENT_MEM_FRACTION=0.5.
+on the CPU, which runs a step to its end as it is called: that call is timed. Weights and
+optimizer state are float32 (on a GPU both sides run float32 matmuls as TF32, as nanoGPT's
+train.py sets torch to); `--dtype=bfloat16` computes in bfloat16 (nanoGPT under
+`torch.autocast`, as its train.py does). nanoGPT runs eager and, with `--torch_compile`, under
+`torch.compile`. Needs the `test` extra (torch). On a GPU JAX must leave torch room:
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.5.
 GPT-2 124M as nanoGPT trains it: --n_layer=12 --n_head=12 --n_embd=768 --vocab_size=50304.
 The README's figures ran under GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (README, "Running
 experiments").

@@ -44,11 +44,11 @@ _MICRO = flags.DEFINE_integer("microbatches", 1, "Gradient-accumulation micro-ba
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after two warm-up steps).")
 _DOCS = flags.DEFINE_integer("documents_per_row", 1, "Packed documents per row (segment ids).")
 _MESH = flags.DEFINE_list("mesh", ["-1", "1", "1"], "data,fsdp,tensor sizes (-1: the rest).")
+PROFILED_STEPS = 3
 _PROFILE_DIR = flags.DEFINE_string(
-    "profile_dir", "", "After the timed steps, write a jax.profiler trace of PROFILED_STEPS more "
+    "profile_dir", "", f"After the timed steps, write a jax.profiler trace of {PROFILED_STEPS} more "
     "steps here (TensorBoard's profile tab or Perfetto read it)."
 )
-PROFILED_STEPS = 3
 
 for _flag in (_BATCH, _SEQ, _MICRO, _STEPS, _DOCS):
     flags.register_validator(_flag.name, lambda value: value >= 1, message="must be at least 1")
