@@ -16,11 +16,13 @@ SEGMENTS = np.array([
 ])
 HEADS = {"mha": 4, "gqa": 2, "mqa": 1}
 # Name -> (implementation, arguments). Blockwise's (56, 112) pads T to 224 and takes key tiles
-# twice the query tiles; (25, 100) divides T, with key tiles of four query tiles.
+# twice the query tiles; (25, 100) divides T, with key tiles of four query tiles; (256, 512)
+# holds the whole sequence in one query tile.
 KERNELS = {
     "blockwise": ("blockwise", dict(block_sizes=(64, 64))),
     "blockwise-56x112": ("blockwise", dict(block_sizes=(56, 112))),
     "blockwise-25x100": ("blockwise", dict(block_sizes=(25, 100))),
+    "blockwise-one-tile": ("blockwise", dict(block_sizes=(256, 512))),
     "pallas_gpu": ("pallas_gpu", dict(block_sizes=(64, 64), interpret=True)),
     "splash_tpu": ("splash_tpu", dict(interpret=True)),
 }
