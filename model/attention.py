@@ -38,7 +38,8 @@ from model.sharding import logical_to_spec
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "pallas_gpu", "cudnn_gpu", "splash_tpu")
 
 # On the CPU "auto" takes blockwise from this sequence length on, xla below it: at T=64 and
-# T=128 they are within a run's noise of each other, and blockwise holds less. Measured on
+# T=128 they were within a run's noise of each other, and blockwise held less (the figures
+# below; since then a sequence within one tile takes `_one_tile`, faster still). Measured on
 # the 2-core CPU: f = jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(attend(q, k, v,
 # segment_ids, implementation=...) * w), (0, 1, 2))) on random float32 [B, T, 12, 64] inputs,
 # equal-length segments, block_sizes=(128, 128); one warm-up call, then 5-11 timed calls with

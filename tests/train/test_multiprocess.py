@@ -100,6 +100,11 @@ def outputs_of(processes, timeout=180):
             p.kill()
 
 
+def last_lines(outputs, n=25):
+    """Each process's last `n` lines, for a failed assertion's message."""
+    return "\n".join(f"--- process {i}:\n" + "\n".join(output.splitlines()[-n:]) for i, output in enumerate(outputs))
+
+
 def _losses(workdir):
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
@@ -150,9 +155,9 @@ def test_a_process_that_fails_alone_ends_both_at_once_with_its_error(config_file
     processes = launch_two(config_file, tmp_path / "run", FAIL_AT=f"{process}:{batch}")
     outputs = outputs_of(processes, timeout=60)
     error = f"OSError: a read error on process {process}"
-    assert [p.returncode for p in processes] == [1, 1], outputs
-    assert outputs[process].strip().splitlines()[-1] == error, outputs[process]
-    assert outputs[1 - process].strip().splitlines()[-1] == f"error: process {process} failed: {error}", outputs
+    assert [p.returncode for p in processes] == [1, 1], last_lines(outputs)
+    assert outputs[process].strip().splitlines()[-1] == error, last_lines(outputs)
+    assert outputs[1 - process].strip().splitlines()[-1] == f"error: process {process} failed: {error}", last_lines(outputs)
     assert not (tmp_path / "run" / "run.lock").exists()
 
 
