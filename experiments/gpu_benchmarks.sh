@@ -9,8 +9,9 @@
 # generation  experiments.generation_peers against Hugging Face `generate`, bfloat16
 #
 # With no section named, all four run in that order. With PROFILE_DIR set, `step` also writes
-# a trace of each kernel's steps under PROFILE_DIR/KERNEL (train.benchmark --profile_dir). `peers` needs torch, and `generation`
-# torch and transformers for its comparison (without them it times this side alone). PYTHON
+# a trace of each kernel's steps under PROFILE_DIR/KERNEL (train.benchmark --profile_dir).
+# `peers` needs torch, and `generation` torch and transformers for its comparison (without
+# them it times this side alone). PYTHON
 # names the interpreter (default python3), which needs jax with CUDA, flax, optax, absl, etils
 # and ml-collections (what these four sections import), not the whole project install.
 set -euo pipefail

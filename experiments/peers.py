@@ -36,7 +36,7 @@ from absl import flags
 
 import model
 from model import sharding
-from train.benchmark import check_fits, refuse_flags, synthetic_batch  # also defines the shared flags
+from train.benchmark import refuse_flags, synthetic_batch, warmed_up  # also defines the shared flags
 from train.cli import run_program
 from train.metrics import peak_flops_per_device
 from train.optimizer import make_optimizer
@@ -80,18 +80,7 @@ def ours(batch_size: int, seq_len: int):
     train_step, _ = compile_steps(config, optimizer, mesh, microbatches=1, z_loss=0.0)
     batch = synthetic_batch(batch_size, seq_len, config.vocab_size, 1)
     with jax.set_mesh(mesh):
-        state = create_state(config, optimizer, mesh, seed=0)
-        compiled = train_step.lower(state, batch).compile()
-    check_fits(compiled)
-    batch = jax.device_put(batch, compiled.input_shardings[0][1])
-    held = [state]
-
-    def dispatch():
-        held[0], metrics = compiled(held[0], batch)
-        return metrics
-
-    for _ in range(2):
-        jax.block_until_ready(dispatch())
+        _, _, dispatch = warmed_up(train_step, create_state(config, optimizer, mesh, seed=0), batch)
     return lambda: pipelined_intervals(dispatch, jax.block_until_ready, 1)[0]
 
 

@@ -9,6 +9,7 @@ counted at the tokenizer's vocabulary, not the padded one) plus the attention te
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -25,7 +26,7 @@ from train.metrics import peak_flops_per_device
 from train.optimizer import make_optimizer
 from train.state import abstract_state, create_state
 from train.step import compile_steps
-from train.timing import pipelined_intervals
+from train.timing import in_turns, pipelined_intervals
 
 _PRESET = flags.DEFINE_string("preset", "gpt2-124m", "Model preset (model.PRESETS).")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Global batch, in sequences.")
@@ -129,36 +130,44 @@ def time_steps(step, state, batch, steps: int, profile_dir: str = ""):
 
 def time_interleaved(updates, steps: int, profile_dir: str = ""):
     """`time_steps` of several (step, state, batch) updates at once. After each one's compile
-    and warm-up they take turns, so that drift in the machine's speed falls on all of them
-    alike (back-to-back runs on the 2-core CPU differ by up to 30%): two steps each per round,
-    the second timed. The batch is placed on the devices once, as the step's input sharding
-    asks."""
-    runs = []
-    for step, state, batch in updates:
-        start = time.perf_counter()
-        compiled = step.lower(state, batch).compile()
-        compile_s = time.perf_counter() - start
-        check_fits(compiled)
-        batch = jax.device_put(batch, compiled.input_shardings[0][1])
-        for _ in range(2):
-            state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        runs.append({"compiled": compiled, "state": state, "batch": batch, "compile_s": compile_s, "times": []})
+    and warm-up (`warmed_up`) they take turns (`in_turns`), so that drift in the machine's
+    speed falls on all of them alike (back-to-back runs on the 2-core CPU differ by up to
+    30%): two steps each per round, the second timed."""
+    runs = [warmed_up(*update) for update in updates]
     rounds, per_round = (1, steps) if len(runs) == 1 else (steps, 1)
-    for _ in range(rounds):
-        for run in runs:
-            def dispatch(run=run):
-                run["state"], metrics = run["compiled"](run["state"], run["batch"])
-                return metrics
-
-            run["times"] += pipelined_intervals(dispatch, jax.block_until_ready, per_round)
+    timers = [
+        functools.partial(pipelined_intervals, dispatch, jax.block_until_ready, per_round) for _, _, dispatch in runs
+    ]
+    times = [sum(rounds_of_one, []) for rounds_of_one in in_turns(timers, rounds)]
     if profile_dir:
         with jax.profiler.trace(profile_dir):
-            for run in runs:
+            for _, _, dispatch in runs:
                 for _ in range(PROFILED_STEPS):
-                    run["state"], metrics = run["compiled"](run["state"], run["batch"])
+                    metrics = dispatch()
                 jax.block_until_ready(metrics)
-    return [(run["compile_s"], run["times"], run["compiled"].memory_analysis()) for run in runs]
+    return [(compile_s, measured, compiled.memory_analysis()) for (compile_s, compiled, _), measured in zip(runs, times)]
+
+
+def warmed_up(step, state, batch):
+    """(compile seconds, the compiled step, `dispatch`) of a jitted update compiled for (state,
+    batch), refused if its buffers exceed the device's memory (`check_fits`), then run twice.
+    `dispatch()` runs one more step on the state it holds and returns the step's metrics; the
+    batch is placed on the devices once, as the step's input sharding asks."""
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    check_fits(compiled)
+    batch = jax.device_put(batch, compiled.input_shardings[0][1])
+    held = [state]
+
+    def dispatch():
+        held[0], metrics = compiled(held[0], batch)
+        return metrics
+
+    for _ in range(2):
+        metrics = dispatch()
+    jax.block_until_ready(metrics)
+    return compile_s, compiled, dispatch
 
 
 def main(argv):
